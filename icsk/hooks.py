@@ -1,0 +1,438 @@
+"""The activation Recorder: forward hooks that reduce activations to per-unit statistics.
+
+Design (see DESIGN.md, ANCHORS.md):
+* hooks exist only on scheduled steps (fastai ``every=N``): a skipped step costs nothing;
+* no activation outlives its hook: small layers are copied into a staging buffer and reduced
+  K steps at a time (one vectorised reduction instead of K small ones), large layers are
+  reduced inside the hook; either way in-place ops after the hook cannot corrupt statistics;
+* results stay on the tensor's device until a chunk is flushed: one host transfer per chunk,
+  never a ``.item()`` per statistic;
+* chunks stream to parquet in a run folder, so memory stays flat however long training runs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+from torch import nn
+
+from .schedule import Schedule
+from .stats import ALL_STATS, DEFAULT_STATS, Reducer, StatSpec
+from .store import ChunkWriter, read_histograms, read_stats, write_json_atomic
+
+LayerSelector = str | type | Callable[[str, nn.Module], bool]
+MODES = ("train", "eval")
+
+
+class RecorderError(ValueError):
+    """Bad Recorder input: the message names the problem and the fix."""
+
+
+def select_layers(model: nn.Module, layers: LayerSelector | Sequence[LayerSelector] | None) -> dict[str, nn.Module]:
+    """Resolve selectors (exact names, glob patterns, module types, predicates) to named modules.
+
+    ``None`` selects every Linear and Conv layer. A selector matching nothing raises
+    RecorderError listing the nearest valid names."""
+    named = dict(model.named_modules())
+    named.pop("", None)
+    if layers is None:
+        layers = [nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d]
+    elif isinstance(layers, (str, type)) or callable(layers) and not isinstance(layers, Sequence):
+        layers = [layers]
+    chosen: dict[str, nn.Module] = {}
+    for sel in layers:
+        if isinstance(sel, str):
+            hits = [n for n in named if n == sel or (any(c in sel for c in "*?[") and fnmatch.fnmatchcase(n, sel))]
+        elif isinstance(sel, type) and issubclass(sel, nn.Module):
+            hits = [n for n, m in named.items() if isinstance(m, sel)]
+        elif callable(sel):
+            hits = [n for n, m in named.items() if sel(n, m)]
+        else:
+            raise RecorderError(f"layer selector {sel!r} is not a name, glob, nn.Module type or predicate(name, module)")
+        if not hits:
+            raise RecorderError(_no_match_message(sel, list(named)))
+        for n in hits:
+            chosen.setdefault(n, named[n])
+    return chosen
+
+
+def _no_match_message(sel: Any, names: list[str]) -> str:
+    if isinstance(sel, str):
+        near = difflib.get_close_matches(sel, names, n=5, cutoff=0.3) or names[:5]
+        return f"layer {sel!r} matches no module of the model; nearest valid names: {near}"
+    kind = sel.__name__ if isinstance(sel, type) else "predicate"
+    return f"layer selector {kind} matches no module of the model; module names start with: {names[:8]}"
+
+
+class _LayerState:
+    """Per (layer, mode): staging buffer or direct reduction, plus results awaiting flush."""
+
+    def __init__(self, layer: str, mode: str):
+        self.layer, self.mode = layer, mode
+        self.units: int | None = None
+        self.edges: tuple[float, float] | None = None
+        self.last_step = -1
+        self.stage: torch.Tensor | None = None  # [K, 1, C, M] float32
+        self.stage_steps: list[int] = []
+        self.steps: list[int] = []  # steps of the pending results
+        self.counts: list[int] = []  # values per unit at each pending step
+        self.results: list[dict[str, torch.Tensor]] = []  # each stat [k, C] on device
+
+
+class Recorder:
+    """Records per-unit activation statistics of chosen layers of any ``nn.Module``.
+
+    Use as a context manager; call :meth:`step` once per training step, then read
+    :meth:`to_frame` (long format: ``step, layer, stat, unit, value``).
+
+    Args:
+        model: the network.
+        layers: module names, glob patterns (``"block*.pre_act"``), module types, or a
+            predicate ``(name, module) -> bool``; a list mixes them. Default: Linear and Conv.
+        capture: ``"output"`` (default) or ``"input"`` (first positional argument).
+        stats: any of ``mean, var, min, max, quantiles, frac_sat, frac_zero, nonfinite, hist``.
+        quantiles: levels for ``quantiles`` (names ``q0.15`` ...).
+        hist_bins, hist_range: histogram bins; range ``(lo, hi)`` or ``"auto"`` (the first
+            recorded batch's [min, max], widened by ``hist_margin`` of its span each side).
+            Values outside the range land in an underflow and an overflow bin.
+        sat_threshold, zero_eps: ``frac_sat`` = P(|x| > sat_threshold), ``frac_zero`` = P(|x| <= zero_eps).
+        schedule: steps to record: int N (every N), list of steps, ``"log:K"``, or a Schedule.
+        modes: ``("train",)`` records training-mode forwards only; add ``"eval"`` to also record
+            eval-mode forwards, tagged ``mode="eval"`` (never mixed with training statistics).
+        channel_dim: axis of units (1 for (N, C, ...) tensors; -1 for channels-last / tokens).
+        select: how to pick the tensor from a non-tensor output: an index, a dict key, or a function.
+        path: folder to stream statistics to (``<path>/stats``); default a temporary folder
+            removed when the Recorder is garbage-collected.
+        flush_every: recorded steps per parquet chunk (memory holds at most one chunk).
+        stage_mb: per-layer staging budget; layers whose K=2 steps fit are reduced in batches.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: LayerSelector | Sequence[LayerSelector] | None = None,
+        *,
+        capture: str = "output",
+        stats: Iterable[str] = DEFAULT_STATS,
+        quantiles: Iterable[float] = (0.15, 0.5, 0.85),
+        hist_bins: int = 32,
+        hist_range: str | tuple[float, float] = "auto",
+        hist_margin: float = 0.5,
+        sat_threshold: float = 4.0,
+        zero_eps: float = 1e-6,
+        schedule: Schedule | int | str | Iterable[int] | None = None,
+        modes: Iterable[str] = ("train",),
+        channel_dim: int = 1,
+        select: int | str | Callable[[Any], torch.Tensor] | None = None,
+        path: str | Path | None = None,
+        flush_every: int = 256,
+        stage_mb: float = 8.0,
+        start_step: int = 0,
+        max_stage_steps: int = 64,
+    ):
+        if capture not in ("output", "input"):
+            raise RecorderError(f"capture must be 'output' or 'input', got {capture!r}")
+        stats = tuple(stats)
+        bad = [s for s in stats if s not in ALL_STATS]
+        if bad:
+            raise RecorderError(f"unknown statistic(s) {bad}; choose from {list(ALL_STATS)}")
+        self.modes = tuple(modes)
+        if not self.modes or any(m not in MODES for m in self.modes):
+            raise RecorderError(f"modes must be a non-empty subset of {MODES}, got {self.modes}")
+        if hist_range != "auto":
+            lo, hi = (float(v) for v in hist_range)
+            if not hi > lo:
+                raise RecorderError(f"hist_range needs lo < hi, got {hist_range}")
+            hist_range = (lo, hi)
+        if flush_every < 1:
+            raise RecorderError("flush_every must be >= 1")
+        self.model = model
+        self.spec = StatSpec(stats=stats, quantiles=tuple(float(q) for q in quantiles), hist_bins=int(hist_bins),
+                             sat_threshold=float(sat_threshold), zero_eps=float(zero_eps))
+        self.layers = select_layers(model, layers)
+        self.capture = capture
+        self.hist_range = hist_range
+        self.hist_margin = float(hist_margin)
+        self.schedule = Schedule.parse(schedule)
+        self.channel_dim = channel_dim
+        self.select = select
+        self.flush_every = int(flush_every)
+        self.stage_bytes = int(stage_mb * 2**20)
+        self.max_stage_steps = int(max_stage_steps)
+        self.current_step = int(start_step)
+        self._tmpdir = None
+        if path is None:
+            self._tmpdir = tempfile.mkdtemp(prefix="icsk-rec-")
+            path = self._tmpdir
+        self.path = Path(path)
+        self.stats_dir = self.path / "stats"
+        self._writer = ChunkWriter(self.stats_dir)
+        self._reducer = Reducer(self.spec)
+        self._states: dict[tuple[str, str], _LayerState] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._entered = False
+        self._paused = 0
+        self._pending_steps = 0
+
+    # ------------------------------------------------------------------ hooks
+    def __enter__(self) -> Recorder:
+        self._entered = True
+        self._sync_hooks()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def attach(self) -> Recorder:
+        """Attach hooks (same as entering the context)."""
+        return self.__enter__()
+
+    def remove(self) -> None:
+        """Remove every hook this Recorder added. Idempotent."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def close(self) -> None:
+        """Remove hooks and flush everything recorded to the run folder. Idempotent."""
+        self._entered = False
+        self.remove()
+        self.flush()
+
+    @property
+    def attached(self) -> bool:
+        """Whether hooks are on the model right now (only on scheduled steps)."""
+        return bool(self._handles)
+
+    def _sync_hooks(self) -> None:
+        want = self._entered and self.schedule(self.current_step)
+        if want and not self._handles:
+            for name, mod in self.layers.items():
+                if self.capture == "output":
+                    h = mod.register_forward_hook(self._make_output_hook(name))
+                else:
+                    h = mod.register_forward_pre_hook(self._make_input_hook(name))
+                self._handles.append(h)
+        elif not want and self._handles:
+            self.remove()
+
+    def _make_output_hook(self, name: str):
+        def hook(module, args, output):
+            if not self._paused:
+                self._capture(name, module, output)
+        return hook
+
+    def _make_input_hook(self, name: str):
+        def hook(module, args):
+            if not self._paused:
+                if not args:
+                    raise RecorderError(f"layer {name!r} was called without positional input; use capture='output'")
+                self._capture(name, module, args[0])
+        return hook
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Forwards inside this block are not recorded (e.g. metric probes)."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+
+    # ------------------------------------------------------------------ capture
+    def _tensor_of(self, name: str, module: nn.Module, value: Any) -> torch.Tensor:
+        if self.select is not None and not isinstance(value, torch.Tensor):
+            try:
+                value = self.select(value) if callable(self.select) else value[self.select]
+            except (KeyError, IndexError, TypeError) as e:
+                raise RecorderError(f"layer {name!r}: select={self.select!r} failed on its {type(value).__name__} ({e})") from None
+        if not isinstance(value, torch.Tensor):
+            hint = "an index (select=0)" if isinstance(value, (tuple, list)) else (
+                "a key (select='name')" if isinstance(value, dict) else "a function (select=lambda out: ...)")
+            raise RecorderError(
+                f"layer {name!r} ({type(module).__name__}) gives a {type(value).__name__}, not a tensor; "
+                f"pass Recorder(..., select=...) with {hint} to pick the tensor to record"
+            )
+        if value.dim() < 2:
+            raise RecorderError(
+                f"layer {name!r} gives a tensor of shape {tuple(value.shape)}; icsk needs (N, C, ...) "
+                "with a batch dimension; choose another layer or capture='input'"
+            )
+        if not value.is_floating_point():
+            raise RecorderError(f"layer {name!r} gives a {value.dtype} tensor; only floating-point activations can be recorded")
+        return value
+
+    def _capture(self, name: str, module: nn.Module, value: Any) -> None:
+        mode = "train" if module.training else "eval"
+        if mode not in self.modes:
+            return
+        state = self._states.get((name, mode))
+        if state is None:
+            state = self._states[(name, mode)] = _LayerState(name, mode)
+        if state.last_step == self.current_step:  # record the first forward of a step only
+            return
+        x = self._tensor_of(name, module, value).detach()
+        cd = self.channel_dim % x.dim()
+        if cd != 1:
+            x = x.movedim(cd, 1)
+        n, c = x.shape[0], x.shape[1]
+        x4 = x.reshape(1, n, c, -1)
+        if state.units is None:
+            state.units = c
+            if "hist" in self.spec.stats:
+                state.edges = self._hist_edges(x4)
+        elif c != state.units:
+            raise RecorderError(f"layer {name!r} changed from {state.units} to {c} units between steps")
+        state.last_step = self.current_step
+        m = x4.shape[1] * x4.shape[3]
+        if 2 * c * m * 4 <= self.stage_bytes and self.max_stage_steps > 1:
+            self._stage(state, x4)
+        else:
+            state.results.append(self._reducer(x4, state.edges))
+            state.steps.append(self.current_step)
+            state.counts.append(m)
+
+    def _hist_edges(self, x4: torch.Tensor) -> tuple[float, float]:
+        if self.hist_range != "auto":
+            return self.hist_range
+        finite = x4[torch.isfinite(x4)]
+        lo, hi = (torch.stack([finite.min(), finite.max()]).tolist() if finite.numel() else (-1.0, 1.0))
+        span = hi - lo if hi > lo else max(abs(lo), 1.0)
+        return (lo - self.hist_margin * span, hi + self.hist_margin * span)
+
+    def _stage(self, state: _LayerState, x4: torch.Tensor) -> None:
+        c, m = x4.shape[2], x4.shape[1] * x4.shape[3]
+        st = state.stage
+        if st is not None and (st.shape[3] != m or st.device != x4.device):
+            self._reduce_stage(state)  # batch size changed: reduce what is staged, restage
+            st = None
+        if st is None:
+            k = max(2, min(self.max_stage_steps, self.stage_bytes // (c * m * 4)))
+            st = state.stage = torch.empty(k, 1, c, m, dtype=torch.float32, device=x4.device)
+        k = len(state.stage_steps)
+        st[k, 0].view(c, x4.shape[1], x4.shape[3]).copy_(x4[0].transpose(0, 1))
+        state.stage_steps.append(self.current_step)
+        if len(state.stage_steps) == st.shape[0]:
+            self._reduce_stage(state)
+
+    def _reduce_stage(self, state: _LayerState) -> None:
+        k = len(state.stage_steps)
+        if k == 0:
+            return
+        st = state.stage
+        res = self._reducer.reduce_staged(st[:k], state.edges)
+        state.results.append(res)
+        state.steps.extend(state.stage_steps)
+        state.counts.extend([st.shape[3]] * k)
+        state.stage_steps = []
+
+    # ------------------------------------------------------------------ steps and flushing
+    def step(self) -> None:
+        """Mark one training step done; hooks appear only on steps the schedule selects."""
+        if self.schedule(self.current_step):
+            self._pending_steps += 1
+            if self._pending_steps >= self.flush_every:
+                self.flush()
+        self.current_step += 1
+        self._sync_hooks()
+
+    def flush(self) -> None:
+        """Reduce staged activations and write every pending result as one parquet chunk."""
+        rows_step, rows_mode, rows_layer, rows_stat, rows_vals = [], [], [], [], []
+        for state in self._states.values():
+            self._reduce_stage(state)
+            if not state.results:
+                continue
+            steps = np.asarray(state.steps, dtype=np.int64)
+            names = list(state.results[0])
+            for stat in names:
+                arr = torch.cat([r[stat] for r in state.results]).cpu().numpy().astype(np.float32, copy=False)
+                arr = arr.reshape(len(steps), -1)
+                rows_step.append(steps)
+                rows_mode.append(np.full(len(steps), state.mode, dtype=object))
+                rows_layer.append(np.full(len(steps), state.layer, dtype=object))
+                rows_stat.append(np.full(len(steps), stat, dtype=object))
+                rows_vals.append(arr)
+            rows_step.append(steps)
+            rows_mode.append(np.full(len(steps), state.mode, dtype=object))
+            rows_layer.append(np.full(len(steps), state.layer, dtype=object))
+            rows_stat.append(np.full(len(steps), "count", dtype=object))
+            rows_vals.append(np.asarray(state.counts, dtype=np.float32).reshape(-1, 1))
+            state.results, state.steps, state.counts = [], [], []
+        self._pending_steps = 0
+        if not rows_step:
+            return
+        self._write_meta()
+        offsets, flat = [0], []
+        for a in rows_vals:
+            flat.append(a.reshape(-1))
+            width = a.shape[1]
+            offsets.extend(offsets[-1] + width * np.arange(1, a.shape[0] + 1))
+        values = pa.ListArray.from_arrays(pa.array(np.asarray(offsets, dtype=np.int32)), pa.array(np.concatenate(flat)))
+        table = pa.table(
+            {
+                "step": pa.array(np.concatenate(rows_step)),
+                "mode": pa.array(np.concatenate(rows_mode), pa.string()),
+                "layer": pa.array(np.concatenate(rows_layer), pa.string()),
+                "stat": pa.array(np.concatenate(rows_stat), pa.string()),
+                "values": values,
+            }
+        )
+        self._writer.write(table)
+
+    def _write_meta(self) -> None:
+        layers = {}
+        for (layer, _mode), st in self._states.items():
+            info = layers.setdefault(layer, {"units": st.units})
+            if st.edges is not None:
+                lo, hi = st.edges
+                info["hist_edges"] = np.linspace(lo, hi, self.spec.hist_bins + 1).tolist()
+        write_json_atomic(
+            self.stats_dir / "recorder.json",
+            {
+                "layers": layers,
+                "capture": self.capture,
+                "stats": list(self.spec.stats),
+                "outputs": self.spec.output_names(),
+                "quantiles": list(self.spec.quantiles),
+                "hist_bins": self.spec.hist_bins,
+                "sat_threshold": self.spec.sat_threshold,
+                "zero_eps": self.spec.zero_eps,
+                "schedule": repr(self.schedule),
+            },
+        )
+
+    # ------------------------------------------------------------------ reading back
+    def to_frame(self, layers=None, stats=None, steps=None, mode: str | None = "train") -> pd.DataFrame:
+        """Long frame ``step, layer, stat, unit, value`` of everything recorded so far.
+
+        Filters: ``layers``/``stats`` lists, ``steps`` a list or a ``(start, stop)`` range,
+        ``mode`` 'train', 'eval' or None (both, with a ``mode`` column). ``unit`` is -1 for
+        statistics of a whole layer (``count``: values per unit at that step). Histograms are
+        read with :meth:`histograms`."""
+        self.flush()
+        return read_stats(self.stats_dir, layers, stats, steps, mode)
+
+    def histograms(self, layers=None, steps=None, mode: str | None = "train") -> pd.DataFrame:
+        """Histogram counts: ``step, layer, unit, bin, left, right, count``."""
+        self.flush()
+        return read_histograms(self.stats_dir, layers, steps, mode)
+
+    def __del__(self) -> None:
+        try:
+            self.remove()
+            if self._tmpdir is not None:
+                shutil.rmtree(self._tmpdir, ignore_errors=True)
+        except Exception:
+            pass

@@ -1,0 +1,203 @@
+"""Per-unit statistics of activation tensors, computed on the tensor's device.
+
+Everything here is pure tensor -> statistic. Input is a 4-D view ``[K, N, C, S]``: K stacked
+steps, N batch, C units (neurons/channels), S spatial positions. A statistic of unit c at step k
+is taken over the N*S values ``x[k, :, c, :]``; results are ``[K, C]`` (``[K, C, B+2]`` for
+histograms). Speed notes, measured on a 2-core CPU (see reports/benchmarks.md):
+
+* large temporaries are what costs on the CPU (page faults of fresh allocations cost ~8x the
+  arithmetic), so every pass writes into scratch buffers that live as long as the Reducer;
+* ``torch.var_mean`` has a slow path on small inputs; two-pass mean/centred-sum is faster and
+  as accurate;
+* ``torch.sort`` over many short rows is ~9x slower than NumPy's SIMD sort on the CPU, so
+  quantiles sort with NumPy there (zero-copy view, same memory) and with torch on GPUs.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+SCALAR_STATS = ("mean", "var", "min", "max", "quantiles", "frac_sat", "frac_zero", "nonfinite")
+ALL_STATS = (*SCALAR_STATS, "hist")
+DEFAULT_STATS = ("mean", "var", "quantiles", "frac_sat", "frac_zero", "nonfinite")
+_PARTITION_MIN_ROW = 4096  # rows at least this long select quantiles by partition, not sort
+
+
+def quantile_name(q: float) -> str:
+    """Column name of a quantile statistic: 0.15 -> 'q0.15'."""
+    return f"q{q:g}"
+
+
+@dataclass(frozen=True)
+class StatSpec:
+    """Which statistics to compute and their parameters."""
+
+    stats: tuple[str, ...] = DEFAULT_STATS
+    quantiles: tuple[float, ...] = (0.15, 0.5, 0.85)
+    hist_bins: int = 32
+    sat_threshold: float = 4.0
+    zero_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.stats if s not in ALL_STATS]
+        if unknown:
+            raise ValueError(f"unknown statistic(s) {unknown}; choose from {list(ALL_STATS)}")
+        if any(not 0.0 <= q <= 1.0 for q in self.quantiles):
+            raise ValueError(f"quantiles must lie in [0, 1], got {self.quantiles}")
+        if "quantiles" in self.stats and not self.quantiles:
+            raise ValueError("'quantiles' requested but the quantiles list is empty")
+        if self.hist_bins < 1:
+            raise ValueError(f"hist_bins must be >= 1, got {self.hist_bins}")
+
+    def output_names(self) -> list[str]:
+        """Names of the per-unit outputs, in order ('quantiles' expands to 'q0.15', ...)."""
+        out: list[str] = []
+        for s in self.stats:
+            out.extend(quantile_name(q) for q in self.quantiles) if s == "quantiles" else out.append(s)
+        return out
+
+
+class Reducer:
+    """Computes a StatSpec's statistics of ``[K, N, C, S]`` views; owns reusable scratch memory."""
+
+    def __init__(self, spec: StatSpec):
+        self.spec = spec
+        self._scratch: dict[tuple, torch.Tensor] = {}
+        self._offsets: dict[tuple, torch.Tensor] = {}
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _buf(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A contiguous scratch tensor of ``shape``; grown, never shrunk, reused across calls."""
+        key = (name, dtype, device)
+        numel = int(np.prod(shape))
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            self._scratch[key] = buf
+        return buf[:numel].view(shape)
+
+    def __call__(self, x: torch.Tensor, edges: tuple[float, float] | None = None) -> dict[str, torch.Tensor]:
+        """Statistics of ``x`` ([K, N, C, S]); ``edges`` = (lo, hi) of the histogram range.
+
+        May sort ``x`` in place when it is a float32 contiguous ``[K, 1, C, M]`` staging
+        buffer and ``inplace_ok`` semantics apply (see :meth:`reduce_staged`)."""
+        return self._reduce(x, edges, sortable=False)
+
+    def reduce_staged(self, x: torch.Tensor, edges: tuple[float, float] | None = None) -> dict[str, torch.Tensor]:
+        """Like calling the reducer, but ``x`` is a scratch staging buffer it may overwrite."""
+        return self._reduce(x, edges, sortable=True)
+
+    def _reduce(self, x: torch.Tensor, edges, sortable: bool) -> dict[str, torch.Tensor]:
+        spec, stats = self.spec, self.spec.stats
+        if x.dim() != 4:
+            raise ValueError(f"expected a [K, N, C, S] view, got shape {tuple(x.shape)}")
+        if x.dtype != torch.float32:  # reduce in float32 even for fp16/bf16 activations
+            xf = self._buf("xf", tuple(x.shape), torch.float32, x.device)
+            xf.copy_(x)
+            x, sortable = xf, True
+        K, N, C, S = x.shape
+        m = N * S
+        dims = (1, 3)
+        out: dict[str, torch.Tensor] = {}
+        need_t = any(s in stats for s in ("var", "frac_sat", "frac_zero", "nonfinite", "hist"))
+        t = self._buf("t", tuple(x.shape), torch.float32, x.device) if need_t else None
+        if "mean" in stats or "var" in stats:
+            mean = x.sum(dims).div_(m)
+            if "mean" in stats:
+                out["mean"] = mean
+            if "var" in stats:
+                torch.sub(x, mean[:, None, :, None], out=t)
+                t.mul_(t)
+                out["var"] = t.sum(dims).div_(m - 1) if m > 1 else torch.full_like(mean, float("nan"))
+        if "min" in stats:
+            out["min"] = x.amin(dims)
+        if "max" in stats:
+            out["max"] = x.amax(dims)
+        if "frac_sat" in stats or "frac_zero" in stats:
+            mask = self._buf("mask", tuple(x.shape), torch.bool, x.device)
+            torch.abs(x, out=t)
+            if "frac_sat" in stats:
+                out["frac_sat"] = torch.gt(t, spec.sat_threshold, out=mask).sum(dims, dtype=torch.float32).div_(m)
+            if "frac_zero" in stats:
+                out["frac_zero"] = torch.le(t, spec.zero_eps, out=mask).sum(dims, dtype=torch.float32).div_(m)
+        if "nonfinite" in stats:
+            mask = self._buf("mask", tuple(x.shape), torch.bool, x.device)
+            torch.sub(x, x, out=t)  # NaN exactly where x is +-inf or NaN
+            out["nonfinite"] = torch.ne(t, t, out=mask).sum(dims, dtype=torch.float32)
+        if "hist" in stats:
+            if edges is None:
+                raise ValueError("histogram requested without a range")
+            out["hist"] = self._histogram(x, t, edges)
+        if "quantiles" in stats:
+            for q, v in zip(spec.quantiles, self._quantiles(x, sortable), strict=True):
+                out[quantile_name(q)] = v
+        return out
+
+    def _histogram(self, x: torch.Tensor, t: torch.Tensor, edges: tuple[float, float]) -> torch.Tensor:
+        """Per-unit counts in B equal bins over [lo, hi) plus an underflow (first) and an
+        overflow (last) bin: ``[K, C, B+2]``. Bin of v: floor((v - lo) * B / (hi - lo)) + 1,
+        clamped to [0, B+1]; NaN is dropped (it is counted by 'nonfinite')."""
+        K, N, C, S = x.shape
+        B = self.spec.hist_bins
+        lo, hi = edges
+        scale = B / (hi - lo)
+        torch.sub(x, lo, out=t)
+        t.mul_(scale).floor_().add_(1.0).clamp_(0.0, B + 1.0).nan_to_num_(nan=B + 2.0)
+        codes = self._buf("codes", tuple(x.shape), torch.int32, x.device)
+        codes.copy_(t)
+        key = (K, C, B, x.device)
+        off = self._offsets.get(key)
+        if off is None:
+            off = (torch.arange(K * C, dtype=torch.int32, device=x.device) * (B + 3)).view(K, 1, C, 1)
+            self._offsets[key] = off
+        codes.add_(off)
+        counts = self._bincount(codes.view(-1), K * C * (B + 3))
+        return counts.view(K, C, B + 3)[..., : B + 2].to(torch.float32)
+
+    def _bincount(self, codes: torch.Tensor, length: int) -> torch.Tensor:
+        """torch.bincount, split over threads on the CPU (it runs on one core there)."""
+        threads = torch.get_num_threads()
+        if codes.device.type != "cpu" or threads < 2 or codes.numel() < (1 << 20):
+            return torch.bincount(codes, minlength=length)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="icsk-bincount")
+        parts = codes.chunk(threads)
+        futures = [self._pool.submit(torch.bincount, p, None, length) for p in parts]
+        total = futures[0].result()
+        for f in futures[1:]:
+            total += f.result()
+        return total
+
+    def _quantiles(self, x: torch.Tensor, sortable: bool) -> list[torch.Tensor]:
+        """Exact per-unit quantiles with linear interpolation (NumPy's default method)."""
+        K, N, C, S = x.shape
+        m = N * S
+        if sortable and N == 1 and x.is_contiguous():
+            rows = x.view(K * C, m)
+        else:
+            rows = self._buf("rows", (K, C, N, S), torch.float32, x.device)
+            rows.copy_(x.permute(0, 2, 1, 3))
+            rows = rows.view(K * C, m)
+        pos = [q * (m - 1) for q in self.spec.quantiles]
+        lo_idx = [int(np.floor(p)) for p in pos]
+        hi_idx = [min(i + 1, m - 1) for i in lo_idx]
+        frac = [p - i for p, i in zip(pos, lo_idx, strict=True)]
+        if rows.device.type == "cpu":
+            arr = rows.numpy()  # same memory
+            if m >= _PARTITION_MIN_ROW:
+                arr.partition(sorted(set(lo_idx + hi_idx)), axis=-1)
+            else:
+                arr.sort(axis=-1)
+            srt = rows
+        else:
+            srt = torch.sort(rows, dim=-1).values
+        res = []
+        for i, j, f in zip(lo_idx, hi_idx, frac, strict=True):
+            a = srt[:, i]
+            v = a + (srt[:, j] - a) * f if f > 0 else a.clone()
+            res.append(v.view(K, C))
+        return res

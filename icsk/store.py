@@ -1,0 +1,311 @@
+"""Run folders: append-only parquet chunks (the source of truth) and small JSON sidecars.
+
+Layout of a run folder::
+
+    run.json                      status, arms, per-arm state (written atomically)
+    config.yaml                   resolved config (training jobs)
+    stats/                        a single Recorder's statistics ...
+    arms/<arm>/stats/             ... or one folder per arm of a paired run
+        recorder.json             layers, units, statistic names, histogram edges
+        chunk-000000.parquet      rows (step, mode, layer, stat, values: list<float32>)
+    metrics/chunk-*.parquet       long table: step, arm, metric, layer, value
+
+Every chunk is written to a temporary file and renamed, so a killed process leaves whole
+chunks only; ``load_run`` reads finished and interrupted folders alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+CHUNK_GLOB = "chunk-*.parquet"
+_CHUNK_RE = re.compile(r"chunk-(\d+)\.parquet$")
+STATS_SCHEMA = pa.schema(
+    [
+        ("step", pa.int64()),
+        ("mode", pa.string()),
+        ("layer", pa.string()),
+        ("stat", pa.string()),
+        ("values", pa.list_(pa.float32())),
+    ]
+)
+METRICS_COLUMNS = ("step", "arm", "metric", "layer", "value")
+
+
+class RunFolderError(RuntimeError):
+    """A run folder is missing, empty, or has a corrupt file; the message names the file."""
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON via a temporary file and rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON sidecar, naming the file when it is corrupt."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise RunFolderError(f"{path}: not valid JSON ({e}); the file is corrupt") from None
+
+
+class ChunkWriter:
+    """Appends parquet chunks to a folder, atomically; continues numbering after existing ones."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        existing = [int(m.group(1)) for p in self.folder.glob(CHUNK_GLOB) if (m := _CHUNK_RE.search(p.name))]
+        self._next = max(existing, default=-1) + 1
+
+    def write(self, table: pa.Table) -> Path:
+        """Write one chunk; returns its path."""
+        path = self.folder / f"chunk-{self._next:06d}.parquet"
+        tmp = self.folder / f".chunk-{self._next:06d}.parquet.tmp"
+        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb") as f:  # data on disk before the rename makes it visible
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        self._next += 1
+        return path
+
+
+def chunk_files(folder: str | os.PathLike) -> list[Path]:
+    """The whole chunks in a folder, in write order (temporary files are ignored)."""
+    return sorted(Path(folder).glob(CHUNK_GLOB))
+
+
+def read_chunks(folder: str | os.PathLike, filters=None, columns: Sequence[str] | None = None) -> pa.Table | None:
+    """Concatenate a folder's chunks (None when there are none); a corrupt chunk raises
+    RunFolderError naming it."""
+    tables = []
+    for path in chunk_files(folder):
+        try:
+            tables.append(pq.read_table(path, filters=filters, columns=columns))
+        except (pa.ArrowInvalid, OSError) as e:
+            raise RunFolderError(f"{path}: unreadable parquet chunk ({e}); delete it to load the rest") from None
+    if not tables:
+        return None
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def stats_filters(
+    layers: Iterable[str] | None = None,
+    stats: Iterable[str] | None = None,
+    steps: Iterable[int] | tuple[int | None, int | None] | None = None,
+    mode: str | None = None,
+) -> list | None:
+    """pyarrow filters selecting layers, statistics, a step list or (start, stop) range, mode."""
+    f: list = []
+    if layers is not None:
+        f.append(("layer", "in", list(layers)))
+    if stats is not None:
+        f.append(("stat", "in", list(stats)))
+    if mode is not None:
+        f.append(("mode", "=", mode))
+    if steps is not None:
+        if isinstance(steps, tuple) and len(steps) == 2 and any(s is None for s in steps):
+            start, stop = steps
+            if start is not None:
+                f.append(("step", ">=", int(start)))
+            if stop is not None:
+                f.append(("step", "<", int(stop)))
+        else:
+            f.append(("step", "in", [int(s) for s in steps]))
+    return f or None
+
+
+def explode_stats(table: pa.Table | None, keep_mode: bool = False) -> pd.DataFrame:
+    """Long frame ``step, layer, stat, unit, value`` (+ ``mode``) from stored list rows."""
+    cols = ["step", "layer", "stat", "unit", "value"] + (["mode"] if keep_mode else [])
+    if table is None or table.num_rows == 0:
+        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(cols, _LONG_DTYPES(keep_mode), strict=True)})
+    values = table.column("values").combine_chunks()
+    lengths = np.asarray(values.value_lengths().to_numpy(zero_copy_only=False), dtype=np.int64)
+    flat = np.asarray(values.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    unit = np.arange(flat.size, dtype=np.int64) - starts
+    stat = table.column("stat").to_numpy(zero_copy_only=False)
+    whole_layer = np.isin(stat, list(LAYER_STATS))
+    unit = np.where(np.repeat(whole_layer, lengths), -1, unit)
+    data = {
+        "step": np.repeat(table.column("step").to_numpy(), lengths),
+        "layer": pd.Categorical(np.repeat(table.column("layer").to_numpy(zero_copy_only=False), lengths)),
+        "stat": pd.Categorical(np.repeat(stat, lengths)),
+        "unit": unit,
+        "value": flat,
+    }
+    if keep_mode:
+        data["mode"] = pd.Categorical(np.repeat(table.column("mode").to_numpy(zero_copy_only=False), lengths))
+    return pd.DataFrame(data)
+
+
+LAYER_STATS = frozenset({"count"})  # statistics of a whole layer: unit = -1
+
+
+def _LONG_DTYPES(keep_mode: bool) -> list[str]:
+    return ["int64", "category", "category", "int64", "float32"] + (["category"] if keep_mode else [])
+
+
+def read_stats(
+    stats_dir: str | os.PathLike,
+    layers=None,
+    stats=None,
+    steps=None,
+    mode: str | None = "train",
+) -> pd.DataFrame:
+    """The long-format frame of one Recorder's stats folder (histograms excluded)."""
+    want = list(stats) if stats is not None else None
+    table = read_chunks(stats_dir, filters=stats_filters(layers, want, steps, mode))
+    if table is not None and want is None:
+        table = table.filter(pa.compute.not_equal(table.column("stat"), "hist"))
+    return explode_stats(table, keep_mode=mode is None)
+
+
+def read_recorder_meta(stats_dir: str | os.PathLike) -> dict:
+    """The recorder.json of a stats folder ({} when it has none yet)."""
+    p = Path(stats_dir) / "recorder.json"
+    return read_json(p) if p.exists() else {}
+
+
+def read_histograms(stats_dir: str | os.PathLike, layers=None, steps=None, mode: str | None = "train") -> pd.DataFrame:
+    """Histograms as ``step, layer, unit, bin, left, right, count``; bin 0 is the underflow
+    bin (left = -inf) and bin B+1 the overflow bin (right = +inf)."""
+    meta = read_recorder_meta(stats_dir)
+    table = read_chunks(stats_dir, filters=stats_filters(layers, ["hist"], steps, mode))
+    cols = ["step", "layer", "unit", "bin", "left", "right", "count"]
+    if table is None or table.num_rows == 0:
+        return pd.DataFrame(columns=cols)
+    frames = []
+    df = table.to_pandas()
+    for layer, g in df.groupby("layer", sort=False):
+        edges = np.asarray(meta["layers"][layer]["hist_edges"], dtype=np.float64)
+        nb = edges.size + 1
+        counts = np.stack(g["values"].to_numpy()).reshape(len(g), -1, nb)
+        k, c, _ = counts.shape
+        left = np.concatenate([[-np.inf], edges])
+        right = np.concatenate([edges, [np.inf]])
+        frames.append(
+            pd.DataFrame(
+                {
+                    "step": np.repeat(g["step"].to_numpy(), c * nb),
+                    "layer": layer,
+                    "unit": np.tile(np.repeat(np.arange(c), nb), k),
+                    "bin": np.tile(np.arange(nb), k * c),
+                    "left": np.tile(left, k * c),
+                    "right": np.tile(right, k * c),
+                    "count": counts.reshape(-1),
+                }
+            )
+        )
+    return pd.concat(frames, ignore_index=True)[cols]
+
+
+def arms_of(run_dir: str | os.PathLike) -> list[str]:
+    """Arm names of a paired run folder (empty for a single-recorder folder)."""
+    d = Path(run_dir) / "arms"
+    return sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    if not run_dir.exists():
+        raise RunFolderError(f"{run_dir}: no such run folder")
+    if not ((run_dir / "stats").is_dir() or (run_dir / "arms").is_dir() or (run_dir / "metrics").is_dir()):
+        raise RunFolderError(
+            f"{run_dir}: not an icsk run folder (expected 'stats/', 'arms/' or 'metrics/' inside); "
+            "pass the folder a training job or Recorder(path=...) wrote"
+        )
+
+
+def load_run(
+    path: str | os.PathLike,
+    table: str = "stats",
+    *,
+    layers=None,
+    stats=None,
+    steps=None,
+    mode: str | None = "train",
+) -> pd.DataFrame:
+    """Read a finished or interrupted run folder back as a long frame.
+
+    ``table="stats"``: the Recorder contract ``step, layer, stat, unit, value`` (plus ``arm``
+    for a paired run); ``table="metrics"``: training metrics ``step, arm, metric, layer, value``;
+    ``table="hist"``: histograms (see :func:`read_histograms`)."""
+    run_dir = Path(path)
+    _check_run_dir(run_dir)
+    if table == "metrics":
+        return read_metrics(run_dir)
+    if table not in ("stats", "hist"):
+        raise ValueError(f"table must be 'stats', 'metrics' or 'hist', got {table!r}")
+    arms = arms_of(run_dir)
+    if not arms:
+        if table == "hist":
+            return read_histograms(run_dir / "stats", layers, steps, mode)
+        return read_stats(run_dir / "stats", layers, stats, steps, mode)
+    frames = []
+    for arm in arms:
+        sd = run_dir / "arms" / arm / "stats"
+        df = read_histograms(sd, layers, steps, mode) if table == "hist" else read_stats(sd, layers, stats, steps, mode)
+        df.insert(0, "arm", arm)
+        frames.append(df)
+    out = pd.concat(frames, ignore_index=True)
+    for c in ("arm", "layer", "stat"):
+        if c in out:
+            out[c] = out[c].astype("category")
+    return out
+
+
+class MetricsWriter:
+    """Buffers training metrics (long rows) and appends them to ``metrics/`` in chunks."""
+
+    def __init__(self, run_dir: str | os.PathLike, flush_rows: int = 20_000):
+        self._writer = ChunkWriter(Path(run_dir) / "metrics")
+        self._rows: list[tuple] = []
+        self.flush_rows = flush_rows
+
+    def log(self, step: int, arm: str, metrics: dict[str, float], layer: str = "") -> None:
+        """Record scalar metrics of one arm at one step (``layer`` for per-layer metrics)."""
+        for k, v in metrics.items():
+            self._rows.append((int(step), arm, k, layer, float(v)))
+        if len(self._rows) >= self.flush_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write buffered rows as one chunk."""
+        if not self._rows:
+            return
+        step, arm, metric, layer, value = zip(*self._rows, strict=True)
+        self._writer.write(
+            pa.table(
+                {
+                    "step": pa.array(step, pa.int64()),
+                    "arm": pa.array(arm, pa.string()),
+                    "metric": pa.array(metric, pa.string()),
+                    "layer": pa.array(layer, pa.string()),
+                    "value": pa.array(value, pa.float64()),
+                }
+            )
+        )
+        self._rows = []
+
+
+def read_metrics(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """Training metrics of a run folder: ``step, arm, metric, layer, value``."""
+    table = read_chunks(Path(run_dir) / "metrics")
+    if table is None:
+        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(METRICS_COLUMNS, ["int64", "object", "object", "object", "float64"], strict=True)})
+    return table.to_pandas()
