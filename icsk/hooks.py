@@ -47,7 +47,7 @@ def select_layers(model: nn.Module, layers: LayerSelector | Sequence[LayerSelect
     named = dict(model.named_modules())
     named.pop("", None)
     if layers is None:
-        layers = [nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d]
+        layers = [_is_linear_or_conv]
     elif isinstance(layers, (str, type)) or callable(layers) and not isinstance(layers, Sequence):
         layers = [layers]
     chosen: dict[str, nn.Module] = {}
@@ -65,6 +65,11 @@ def select_layers(model: nn.Module, layers: LayerSelector | Sequence[LayerSelect
         for n in hits:
             chosen.setdefault(n, named[n])
     return chosen
+
+
+def _is_linear_or_conv(name: str, module: nn.Module) -> bool:
+    """Default selection: every Linear and Conv layer."""
+    return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
 
 
 def _no_match_message(sel: Any, names: list[str]) -> str:
@@ -177,7 +182,7 @@ class Recorder:
             path = self._tmpdir
         self.path = Path(path)
         self.stats_dir = self.path / "stats"
-        self._writer = ChunkWriter(self.stats_dir)
+        self._writer = ChunkWriter(self.stats_dir, background=True)
         self._reducer = Reducer(self.spec)
         self._states: dict[tuple[str, str], _LayerState] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -208,7 +213,7 @@ class Recorder:
         """Remove hooks and flush everything recorded to the run folder. Idempotent."""
         self._entered = False
         self.remove()
-        self.flush()
+        self.flush(wait=True)
 
     @property
     def attached(self) -> bool:
@@ -290,7 +295,7 @@ class Recorder:
         x4 = x.reshape(1, n, c, -1)
         if state.units is None:
             state.units = c
-            if "hist" in self.spec.stats:
+            if "hist" in self.spec.stats and state.edges is None:
                 state.edges = self._hist_edges(x4)
         elif c != state.units:
             raise RecorderError(f"layer {name!r} changed from {state.units} to {c} units between steps")
@@ -310,6 +315,16 @@ class Recorder:
         lo, hi = (torch.stack([finite.min(), finite.max()]).tolist() if finite.numel() else (-1.0, 1.0))
         span = hi - lo if hi > lo else max(abs(lo), 1.0)
         return (lo - self.hist_margin * span, hi + self.hist_margin * span)
+
+    def hist_edges(self) -> dict[tuple[str, str], tuple[float, float]]:
+        """Histogram range (lo, hi) of each (layer, mode) recorded so far."""
+        return {k: st.edges for k, st in self._states.items() if st.edges is not None}
+
+    def restore_edges(self, edges: dict[tuple[str, str], tuple[float, float]]) -> None:
+        """Reuse histogram ranges of an earlier session (resume), so bins stay comparable."""
+        for (layer, mode), e in edges.items():
+            state = self._states.setdefault((layer, mode), _LayerState(layer, mode))
+            state.edges = (float(e[0]), float(e[1]))
 
     def _stage(self, state: _LayerState, x4: torch.Tensor) -> None:
         c, m = x4.shape[2], x4.shape[1] * x4.shape[3]
@@ -343,12 +358,18 @@ class Recorder:
         if self.schedule(self.current_step):
             self._pending_steps += 1
             if self._pending_steps >= self.flush_every:
-                self.flush()
+                self._flush()
         self.current_step += 1
         self._sync_hooks()
 
-    def flush(self) -> None:
-        """Reduce staged activations and write every pending result as one parquet chunk."""
+    def flush(self, wait: bool = False) -> None:
+        """Reduce staged activations and write every pending result as one parquet chunk
+        (in a background thread; ``wait=True`` returns once it is on disk)."""
+        self._flush()
+        if wait:
+            self._writer.wait()
+
+    def _flush(self) -> None:
         rows_step, rows_mode, rows_layer, rows_stat, rows_vals = [], [], [], [], []
         for state in self._states.values():
             self._reduce_stage(state)
@@ -421,12 +442,12 @@ class Recorder:
         ``mode`` 'train', 'eval' or None (both, with a ``mode`` column). ``unit`` is -1 for
         statistics of a whole layer (``count``: values per unit at that step). Histograms are
         read with :meth:`histograms`."""
-        self.flush()
+        self.flush(wait=True)
         return read_stats(self.stats_dir, layers, stats, steps, mode)
 
     def histograms(self, layers=None, steps=None, mode: str | None = "train") -> pd.DataFrame:
         """Histogram counts: ``step, layer, unit, bin, left, right, count``."""
-        self.flush()
+        self.flush(wait=True)
         return read_histograms(self.stats_dir, layers, steps, mode)
 
     def __del__(self) -> None:

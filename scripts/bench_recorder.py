@@ -1,0 +1,263 @@
+"""Recorder overhead: recorded step time / plain step time, against three peer hook designs.
+
+All configurations run in one process, interleaved block by block after a warm-up, and the
+ratio is the median over repeats. Peers record the same statistics as icsk:
+* ``naive-numpy``: copy each activation to NumPy in the hook and reduce there;
+* ``torch-simple``: straightforward on-device hook (``torch.var_mean``, ``torch.quantile`` /
+  ``torch.histc`` per layer), results kept on device;
+* ``fastai-item``: fastai ``ActivationStats`` pattern, ``.item()`` per statistic (layer level).
+
+Usage: python scripts/bench_recorder.py [--quick] [--write reports/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import icsk
+
+QS = (0.15, 0.5, 0.85)
+
+
+def mlp() -> nn.Module:
+    """Ioffe & Szegedy's 784-100-100-100-10 sigmoid MLP."""
+    return nn.Sequential(nn.Linear(784, 100), nn.Sigmoid(), nn.Linear(100, 100), nn.Sigmoid(),
+                         nn.Linear(100, 100), nn.Sigmoid(), nn.Linear(100, 10))
+
+
+def vgg_small() -> nn.Module:
+    """VGG-style CNN for 32x32 inputs: conv64-M-conv128-M-conv256-conv256-M-fc."""
+    layers: list[nn.Module] = []
+    c = 3
+    for v in (64, "M", 128, "M", 256, 256, "M"):
+        if v == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU(inplace=True)]
+            c = v
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(256 * 16, 10))
+
+
+# ---------------------------------------------------------------- peer hook designs
+class PeerHooks:
+    """Base: attach ``fn(name, tensor)`` as forward hooks on the chosen modules."""
+
+    def __init__(self, modules: dict[str, nn.Module], stats: tuple[str, ...], edges=(-3.0, 3.0), bins=32):
+        self.modules, self.stats, self.edges, self.bins = modules, stats, edges, bins
+        self.out: list = []
+        self.handles = []
+
+    def __enter__(self):
+        for n, m in self.modules.items():
+            self.handles.append(m.register_forward_hook(lambda mod, i, o, n=n: self.fn(n, o.detach())))
+        return self
+
+    def __exit__(self, *a):
+        for h in self.handles:
+            h.remove()
+
+    def step(self):
+        pass
+
+
+class NaiveNumpy(PeerHooks):
+    def fn(self, name, x):
+        a = x.cpu().numpy().astype(np.float32)
+        a = np.moveaxis(a, 1, 0).reshape(a.shape[1], -1)
+        r = {"mean": a.mean(1), "var": a.var(1, ddof=1)}
+        if "quantiles" in self.stats:
+            r["q"] = np.quantile(a, QS, axis=1)
+        if "hist" in self.stats:
+            r["hist"] = [np.histogram(row, self.bins, self.edges)[0] for row in a]
+        self.out.append(r)
+
+
+class TorchSimple(PeerHooks):
+    def fn(self, name, x):
+        a = x.transpose(0, 1).reshape(x.shape[1], -1)
+        var, mean = torch.var_mean(a, 1)
+        r = {"mean": mean, "var": var}
+        if "quantiles" in self.stats:
+            r["q"] = torch.quantile(a, torch.tensor(QS, device=x.device), dim=1)
+        if "hist" in self.stats:
+            r["hist"] = torch.stack([torch.histc(row, self.bins, *self.edges) for row in a])
+        self.out.append(r)
+
+
+class FastaiItem(PeerHooks):
+    """fastai ActivationStats: layer-level stats, one ``.item()`` (device sync) each."""
+
+    def fn(self, name, x):
+        r = [x.mean().item(), x.std().item()]
+        if "quantiles" in self.stats:
+            r += [v.item() for v in torch.quantile(x.flatten()[:16_000_000], torch.tensor(QS))]
+        if "hist" in self.stats:
+            r.append(x.float().histc(self.bins, *self.edges))
+        self.out.append(r)
+
+
+class IcskRec:
+    def __init__(self, model, layers, stats, folder):
+        self.rec = icsk.Recorder(model, layers=layers, stats=stats, path=folder, hist_range=(-3.0, 3.0))
+
+    def __enter__(self):
+        self.rec.__enter__()
+        return self
+
+    def __exit__(self, *a):
+        self.rec.remove()
+
+    def step(self):
+        self.rec.step()
+
+
+# ---------------------------------------------------------------- timing
+def make_step(model, x, y) -> Callable[[], None]:
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    lossf = nn.CrossEntropyLoss()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        lossf(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def measure(name, model, x, y, layer_names, stats, steps_per_block, repeats, warmup_blocks=1):
+    """Interleaved blocks of every configuration; returns {config: median seconds/step}."""
+    step = make_step(model, x, y)
+    modules = {n: dict(model.named_modules())[n] for n in layer_names}
+    folder = tempfile.mkdtemp(prefix="icsk-bench-")
+    rec = IcskRec(model, layer_names, stats, folder)
+    configs = {
+        "plain": None,
+        "icsk": rec,
+        "naive-numpy": NaiveNumpy(modules, stats),
+        "torch-simple": TorchSimple(modules, stats),
+        "fastai-item": FastaiItem(modules, stats),
+    }
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    for r in range(warmup_blocks + repeats):
+        for cname, ctx in configs.items():
+            gc.collect()
+            if ctx is None:
+                t0 = time.perf_counter()
+                for _ in range(steps_per_block):
+                    step()
+                dt = time.perf_counter() - t0
+            else:
+                with ctx:
+                    t0 = time.perf_counter()
+                    for _ in range(steps_per_block):
+                        step()
+                        ctx.step()
+                    dt = time.perf_counter() - t0
+                if hasattr(ctx, "out"):
+                    ctx.out.clear()
+            if r >= warmup_blocks:
+                times[cname].append(dt / steps_per_block)
+        print(f"  [{name}] block {r + 1}/{warmup_blocks + repeats} done", file=sys.stderr, flush=True)
+    rec.rec.close()
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def memory_growth(steps: int) -> tuple[float, float]:
+    """RSS growth (MB) from step 2000 to ``steps`` while recording the MLP every step."""
+    torch.manual_seed(0)
+    model = mlp()
+    x, y = torch.randn(60, 784), torch.randint(0, 10, (60,))
+    step = make_step(model, x, y)
+    with tempfile.TemporaryDirectory() as d:
+        with icsk.Recorder(model, layers=["1", "3", "5"], capture="input", stats=["mean", "var", "quantiles"], path=d) as rec:
+            base = None
+            for s in range(steps):
+                step()
+                rec.step()
+                if s == 2000:
+                    gc.collect()
+                    base = rss_mb()
+            gc.collect()
+            end = rss_mb()
+        disk = sum(p.stat().st_size for p in Path(d).rglob("*")) / 2**20
+    return end - base, disk
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--memory-steps", type=int, default=100_000, help="MLP steps for the memory check (0 skips)")
+    ap.add_argument("--write", type=Path, default=None, help="replace the '## Recorder overhead' section of this markdown file")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    reps = args.repeats or (3 if args.quick else 9)
+    rows = []
+    m = mlp()
+    res = measure("mlp", m, torch.randn(60, 784), torch.randint(0, 10, (60,)), ["1", "3", "5"],
+                  ("mean", "var", "quantiles"), steps_per_block=128 if args.quick else 512, repeats=reps)
+    rows.append(("Ioffe MLP 784-100x3-10, batch 60: mean/var/q.15/.5/.85 of 3 sigmoid layers, every step", res, 1.15))
+    v = vgg_small()
+    convs = [n for n, mod in v.named_modules() if isinstance(mod, nn.Conv2d)]
+    res = measure("vgg", v, torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,)), convs,
+                  ("mean", "var", "hist"), steps_per_block=2 if args.quick else 3, repeats=max(3, reps // 2))
+    rows.append(("VGG-small 32x32, batch 128: mean/var + 32-bin histogram of 4 conv layers, every step", res, 1.05))
+    lines = ["| setting | plain step | icsk | naive-numpy | torch-simple | fastai-item | target (icsk) |",
+             "|---|---|---|---|---|---|---|"]
+    for title, r, target in rows:
+        p = r["plain"]
+        ratio = {k: r[k] / p for k in r}
+        ok = "met" if ratio["icsk"] <= target else "MISSED"
+        lines.append(f"| {title} | {p * 1e3:.2f} ms | **{ratio['icsk']:.3f}x** | {ratio['naive-numpy']:.2f}x | "
+                     f"{ratio['torch-simple']:.2f}x | {ratio['fastai-item']:.2f}x | <= {target}x ({ok}) |")
+    if args.memory_steps:
+        grow, disk = memory_growth(args.memory_steps)
+        ok = "met" if grow < 50 else "MISSED"
+        lines.append("")
+        lines.append(f"Memory: recording {args.memory_steps:,} MLP steps (3 layers, mean/var/3 quantiles, every step) "
+                     f"grew resident memory by **{grow:.1f} MB** after step 2,000 (target < 50 MB: {ok}); "
+                     f"run folder on disk: {disk:.1f} MB.")
+    table = "\n".join(lines)
+    print(table)
+    if args.write:
+        cmd = "python scripts/bench_recorder.py" + (" --quick" if args.quick else "") + (
+            f" --memory-steps {args.memory_steps}" if args.memory_steps != 100_000 else "") + f" --write {args.write}"
+        section = (f"## Recorder overhead\n\nProduced by `{cmd}` on {platform.processor() or platform.machine()}, "
+                   f"{torch.get_num_threads()} threads, torch {torch.__version__}; medians of {reps} interleaved repeats "
+                   f"after a warm-up block. Ratio = step time with hooks / plain step time.\n\n{table}\n")
+        write_section(args.write, "## Recorder overhead", section)
+
+
+def write_section(path: Path, heading: str, section: str) -> None:
+    """Replace (or append) the markdown section starting at ``heading`` in ``path``."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    start = text.find(heading)
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + len(heading))
+        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

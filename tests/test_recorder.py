@@ -1,0 +1,300 @@
+"""Recorder statistics against a float64 NumPy reference, schedules, hook hygiene, storage."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import icsk
+from icsk.store import load_run
+
+QS = (0.15, 0.5, 0.85)
+
+
+def per_unit(a: np.ndarray) -> np.ndarray:
+    """(N, C, ...) -> (C, N*S) float64: the values each unit's statistics are taken over."""
+    a = np.asarray(a, dtype=np.float64)
+    return np.moveaxis(a, 1, 0).reshape(a.shape[1], -1)
+
+
+def reference(a: np.ndarray, edges: np.ndarray | None = None, sat=4.0, eps=1e-6) -> dict[str, np.ndarray]:
+    """Obvious per-unit statistics in float64."""
+    u = per_unit(a)
+    ref = {
+        "mean": u.mean(1),
+        "var": u.var(1, ddof=1),
+        "min": u.min(1),
+        "max": u.max(1),
+        "frac_sat": (np.abs(u) > sat).mean(1),
+        "frac_zero": (np.abs(u) <= eps).mean(1),
+        "nonfinite": (~np.isfinite(u)).sum(1).astype(float),
+    }
+    for q in QS:
+        ref[f"q{q:g}"] = np.quantile(u, q, axis=1)
+    if edges is not None:
+        idx = np.searchsorted(edges, u, side="right")  # 0 underflow, B+1 overflow
+        ref["hist"] = np.stack([np.bincount(row, minlength=edges.size + 1) for row in idx])
+    return ref
+
+
+def frame_values(df: pd.DataFrame, step: int, layer: str, stat: str) -> np.ndarray:
+    sel = df[(df.step == step) & (df.layer == layer) & (df.stat == stat)].sort_values("unit")
+    return sel.value.to_numpy(dtype=np.float64)
+
+
+class Capture:
+    """Plain reference hook: keep a float64 copy of each training-mode output."""
+
+    def __init__(self, module: nn.Module):
+        self.values: list[np.ndarray] = []
+        self.h = module.register_forward_hook(lambda m, i, o: self.values.append(o.detach().double().numpy().copy()))
+
+
+ALL = ["mean", "var", "min", "max", "quantiles", "frac_sat", "frac_zero", "nonfinite", "hist"]
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("stage_mb", [8.0, 0.0])  # staged (batched) and direct reduction paths
+def test_stats_match_float64_reference(kind, stage_mb, tmp_path):
+    torch.manual_seed(0)
+    if kind == "linear":
+        model = nn.Sequential(nn.Linear(12, 7), nn.Tanh(), nn.Linear(7, 5))
+        make = lambda n: torch.randn(n, 12) * 3 + 1  # noqa: E731
+    else:
+        model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3))
+        make = lambda n: torch.randn(n, 3, 6, 5)  # noqa: E731
+    caps = {"0": Capture(model[0]), "2": Capture(model[2])}
+    rec = icsk.Recorder(model, layers=["0", "2"], stats=ALL, hist_bins=9, hist_range=(-2.0, 2.5),
+                        sat_threshold=1.5, path=tmp_path, stage_mb=stage_mb, flush_every=3)
+    with rec:
+        for step in range(7):
+            model(make(10 + step % 2))  # a batch-size change forces the staged path to restage
+            rec.step()
+    df = rec.to_frame()
+    hist = rec.histograms()
+    edges = np.linspace(-2.0, 2.5, 10)
+    for layer, cap in caps.items():
+        assert len(cap.values) == 7
+        for step, a in enumerate(cap.values):
+            ref = reference(a, edges, sat=1.5)
+            for stat in ["mean", "var", "min", "max", "frac_sat", "frac_zero", "nonfinite", "q0.15", "q0.5", "q0.85"]:
+                got = frame_values(df, step, layer, stat)
+                torch.testing.assert_close(torch.tensor(got), torch.tensor(ref[stat]), rtol=2e-5, atol=2e-5,
+                                           msg=f"{layer} {stat} step {step}")
+            h = hist[(hist.step == step) & (hist.layer == layer)].sort_values(["unit", "bin"])
+            counts = h["count"].to_numpy().reshape(ref["hist"].shape)
+            np.testing.assert_array_equal(counts, ref["hist"])
+            assert frame_values(df, step, layer, "count")[0] == per_unit(a).shape[1]
+    assert set(df.columns) >= {"step", "layer", "stat", "unit", "value"}
+    assert (df[df.stat == "count"].unit == -1).all()
+
+
+def test_low_precision_activations_reduced_in_float32():
+    torch.manual_seed(1)
+    lin = nn.Linear(8, 16).to(torch.bfloat16)
+    model = nn.Sequential(lin)
+    cap = Capture(lin)
+    with icsk.Recorder(model, layers=["0"], stats=["mean", "var", "quantiles"], stage_mb=0) as rec:
+        model(torch.randn(64, 8, dtype=torch.bfloat16))
+        rec.step()
+    df = rec.to_frame()
+    ref = reference(cap.values[0])
+    for stat in ("mean", "var", "q0.5"):
+        np.testing.assert_allclose(frame_values(df, 0, "0", stat), ref[stat], rtol=1e-5, atol=1e-5)
+
+
+def test_nonfinite_values_are_counted_and_dropped_from_histogram():
+    model = nn.Sequential(nn.Identity())
+    x = torch.tensor([[0.0, 1.0], [float("nan"), 2.0], [float("inf"), -3.0], [1.0, float("-inf")]])
+    with icsk.Recorder(model, layers=["0"], stats=["nonfinite", "hist"], hist_range=(-1, 1), hist_bins=2) as rec:
+        model(x)
+        rec.step()
+    df = rec.to_frame()
+    np.testing.assert_array_equal(frame_values(df, 0, "0", "nonfinite"), [2, 1])
+    h = rec.histograms().sort_values(["unit", "bin"])
+    # unit 0: 0, 1 in range (bin 2 is [0, 1), 1 -> overflow); nan dropped; +inf -> overflow
+    np.testing.assert_array_equal(h[h.unit == 0]["count"], [0, 0, 1, 2])
+    np.testing.assert_array_equal(h[h.unit == 1]["count"], [2, 0, 0, 2])
+
+
+def test_resnet18_inplace_relu_does_not_corrupt_statistics():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    # bn1 is followed by ReLU(inplace=True): the hook sees a tensor that is overwritten later
+    assert model.relu.inplace
+    cap = {}
+
+    def keep(m, i, o):
+        cap["bn1"] = o.detach().double().numpy().copy()
+
+    h = model.bn1.register_forward_hook(keep)
+    with icsk.Recorder(model, layers=["bn1", "layer1.0.bn1"], stats=["mean", "var", "min", "quantiles"]) as rec:
+        model(torch.randn(4, 3, 32, 32))
+        rec.step()
+    h.remove()
+    df = rec.to_frame()
+    ref = reference(cap["bn1"])
+    assert ref["min"].min() < 0  # BN output has negatives that the in-place ReLU would erase
+    for stat in ("mean", "var", "min", "q0.15"):
+        np.testing.assert_allclose(frame_values(df, 0, "bn1", stat), ref[stat], rtol=1e-4, atol=1e-5)
+
+
+def count_hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_every_n_schedule_records_only_scheduled_steps_and_skips_hooks():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    seen_hooks = []
+    with icsk.Recorder(model, layers=[nn.Linear], stats=["mean"], schedule=3) as rec:
+        for _ in range(10):
+            seen_hooks.append(count_hooks(model))
+            model(torch.randn(5, 4))
+            rec.step()
+    assert seen_hooks == [2 if s % 3 == 0 else 0 for s in range(10)]
+    df = rec.to_frame()
+    assert sorted(df.step.unique()) == [0, 3, 6, 9]
+    assert set(df.layer.unique()) == {"0", "2"}
+
+
+def test_explicit_and_log_schedules():
+    assert icsk.Schedule.parse([0, 5, 7]).steps_until(10) == [0, 5, 7]
+    log = icsk.Schedule.log(per_decade=4).steps_until(1001)
+    assert log[:7] == [0, 1, 2, 3, 6, 10, 18] and log[-1] == 1000
+    assert all(b > a for a, b in zip(log, log[1:]))
+    assert icsk.Schedule.parse("every:4").steps_until(10) == [0, 4, 8]
+    with pytest.raises(ValueError, match="every:N"):
+        icsk.Schedule.parse("sometimes")
+
+
+def test_no_hook_left_after_exit_or_exception():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    before = count_hooks(model)
+    with icsk.Recorder(model, capture="input") as rec:
+        assert count_hooks(model) == 2
+        model(torch.randn(3, 4))
+        rec.step()
+    assert count_hooks(model) == before
+    with pytest.raises(RuntimeError, match="boom"):
+        with icsk.Recorder(model, layers=["*"]) as rec2:
+            assert count_hooks(model) > 0
+            raise RuntimeError("boom")
+    assert count_hooks(model) == before
+    rec2.remove()
+    rec2.remove()  # idempotent
+
+
+def test_capture_input_vs_output():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Sigmoid())
+    x = torch.randn(20, 6)
+    with icsk.Recorder(model, layers=["1"], capture="input", stats=["mean"]) as rec_in:
+        model(x)
+        rec_in.step()
+    pre = model[0](x).detach().double().numpy()
+    np.testing.assert_allclose(frame_values(rec_in.to_frame(), 0, "1", "mean"), pre.mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_eval_forwards_skipped_by_default_and_tagged_when_asked():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2))
+    xtr, xev = torch.randn(8, 3), torch.randn(8, 3) + 5
+    with icsk.Recorder(model, layers=["0"], stats=["mean"]) as rec:
+        model.eval()
+        model(xev)
+        model.train()
+        model(xtr)
+        rec.step()
+    df = rec.to_frame()
+    np.testing.assert_allclose(frame_values(df, 0, "0", "mean"), model(xtr).detach().mean(0).numpy(), rtol=1e-5)
+    with icsk.Recorder(model, layers=["0"], stats=["mean"], modes=("train", "eval")) as rec2:
+        model.eval()
+        model(xev)
+        model.train()
+        model(xtr)
+        rec2.step()
+    both = rec2.to_frame(mode=None)
+    assert set(both["mode"].unique()) == {"train", "eval"}
+    ev = both[(both["mode"] == "eval") & (both.stat == "mean")].sort_values("unit").value.to_numpy()
+    np.testing.assert_allclose(ev, model(xev).detach().mean(0).numpy(), rtol=1e-5)
+
+
+def test_only_first_forward_of_a_step_and_paused_forwards_are_ignored():
+    model = nn.Sequential(nn.Identity())
+    with icsk.Recorder(model, layers=["0"], stats=["mean"]) as rec:
+        with rec.paused():
+            model(torch.full((2, 1), 9.0))
+        model(torch.ones(2, 1))
+        model(torch.full((2, 1), 5.0))
+        rec.step()
+    assert frame_values(rec.to_frame(), 0, "0", "mean").tolist() == [1.0]
+
+
+def test_layer_selection_and_errors():
+    model = nn.Sequential()
+    model.add_module("enc", nn.Sequential(nn.Linear(3, 3), nn.ReLU()))
+    model.add_module("head", nn.Linear(3, 1))
+    assert list(icsk.select_layers(model, "enc.*")) == ["enc.0", "enc.1"]
+    assert list(icsk.select_layers(model, nn.ReLU)) == ["enc.1"]
+    assert list(icsk.select_layers(model, lambda n, m: n.endswith("head"))) == ["head"]
+    with pytest.raises(icsk.RecorderError, match=r"'haed'.*nearest valid names.*'head'"):
+        icsk.Recorder(model, layers=["haed"])
+    with pytest.raises(icsk.RecorderError, match="unknown statistic"):
+        icsk.Recorder(model, layers=["head"], stats=["mean", "kurtosis"])
+
+
+class TupleOut(nn.Module):
+    def forward(self, x):
+        return x * 2, {"aux": x}
+
+
+def test_non_tensor_outputs_rejected_with_hint_or_selected():
+    model = nn.Sequential(TupleOut())
+    with icsk.Recorder(model, layers=["0"]) as rec:
+        with pytest.raises(icsk.RecorderError, match=r"gives a tuple.*select=0"):
+            model(torch.ones(2, 3))
+    with icsk.Recorder(model, layers=["0"], select=0, stats=["mean"]) as rec:
+        model(torch.ones(2, 3))
+        rec.step()
+    assert frame_values(rec.to_frame(), 0, "0", "mean").tolist() == [2.0, 2.0, 2.0]
+
+
+def test_channels_last_units():
+    model = nn.Sequential(nn.Identity())
+    x = torch.randn(4, 7, 5)  # (batch, tokens, features)
+    with icsk.Recorder(model, layers=["0"], stats=["mean"], channel_dim=-1) as rec:
+        model(x)
+        rec.step()
+    np.testing.assert_allclose(frame_values(rec.to_frame(), 0, "0", "mean"), x.mean((0, 1)).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_streams_chunks_to_run_folder_and_load_run_reads_them(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4))
+    rec = icsk.Recorder(model, layers=["0"], stats=["mean", "quantiles"], path=tmp_path, flush_every=4)
+    with rec:
+        for _ in range(10):
+            model(torch.randn(6, 5))
+            rec.step()
+            if rec.current_step == 8:
+                rec.flush(wait=True)
+                assert len(list((tmp_path / "stats").glob("chunk-*.parquet"))) == 2
+    assert len(list((tmp_path / "stats").glob("chunk-*.parquet"))) == 3
+    df = load_run(tmp_path)
+    pd.testing.assert_frame_equal(df.reset_index(drop=True), rec.to_frame().reset_index(drop=True))
+    assert sorted(df.step.unique()) == list(range(10))
+    sub = rec.to_frame(stats=["q0.5"], steps=(2, 5))
+    assert sorted(sub.step.unique()) == [2, 3, 4] and set(sub.stat.unique()) == {"q0.5"}
+
+
+def test_load_run_errors_name_the_folder(tmp_path):
+    with pytest.raises(icsk.RunFolderError, match="no such run folder"):
+        load_run(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(icsk.RunFolderError, match="not an icsk run folder"):
+        load_run(tmp_path / "empty")
