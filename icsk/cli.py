@@ -1,0 +1,32 @@
+"""Console entry points: ``icsk-train`` (Hydra) and ``icsk-report``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def _hydra_main(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from .experiment import run
+
+    run(cfg, HydraConfig.get().runtime.output_dir)
+
+
+def train_main() -> None:
+    """``icsk-train [overrides]``: one training job (or ``-m`` for a sweep) configured by conf/."""
+    import hydra
+
+    if not (CONF_DIR / "config.yaml").exists():
+        sys.exit(f"icsk-train: no Hydra configs at {CONF_DIR}; run it from an icsk checkout (pip install -e .)")
+    hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(_hydra_main)()
+
+
+def report_main(argv: list[str] | None = None) -> None:
+    """``icsk-report RUN_OR_SWEEP... --out DIR``: figures from run folders."""
+    from .report.cli import main
+
+    sys.exit(main(argv))

@@ -1,0 +1,362 @@
+"""One training job from a config: data, paired arms, recorders, probes, logger, run folder.
+
+``run(cfg, run_dir)`` is what ``scripts/train.py`` (Hydra) calls; it can also be called from
+Python with an OmegaConf config composed by :func:`icsk.config.compose`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import random
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import metrics as M
+from .data import BatchStream, DataBundle, get_dataset, probe_batch
+from .hooks import Recorder
+from .log import make_logger
+from .models import make_pair
+from .schedule import Schedule
+from .store import read_json, write_json_atomic
+from .train import Arm, Probe, Trainer
+
+log = logging.getLogger("icsk")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and the fix."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available (else mps, else cpu); otherwise the named device."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but CUDA is not available here; use device=auto or device=cpu")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and random."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def arm_names(model_cfg: DictConfig) -> list[str]:
+    """Arms of a run: ``model.norm`` (one arm) when set, else ``model.arms``."""
+    if model_cfg.get("norm"):
+        return [str(model_cfg.norm)]
+    arms = model_cfg.get("arms")
+    if isinstance(arms, str):
+        arms = [a.strip() for a in arms.split(",")]
+    if not arms:
+        raise ConfigError("model.arms is empty; give e.g. model.arms=[bn,none] or model.norm=bn")
+    return [str(a) for a in arms]
+
+
+def _plain(node: Any) -> dict[str, Any]:
+    """A config mapping (or None) as a plain, resolved dict."""
+    if node is None:
+        return {}
+    return dict(OmegaConf.to_container(node, resolve=True)) if OmegaConf.is_config(node) else dict(node)
+
+
+def load_data(cfg: DictConfig) -> DataBundle:
+    """The dataset of ``cfg.data``, flattened for fully connected models."""
+    kw = _plain(cfg.data.get("options"))
+    if cfg.data.name != "gaussian":
+        kw.setdefault("flatten", cfg.model.name in ("mlp", "dln"))
+    else:
+        kw.setdefault("dim", int(cfg.model.get("dim", 32)))
+    root = cfg.data.get("root")
+    return get_dataset(cfg.data.name, root=root if root is not None else "data", download=bool(cfg.data.download), **kw)
+
+
+def build_arms_models(cfg: DictConfig, bundle: DataBundle) -> dict[str, nn.Module]:
+    """Paired models (identical shared initial weights), sized for the data."""
+    m = cfg.model
+    kw: dict[str, Any] = _plain(m.get("options"))
+    kw["init_scale"] = float(m.get("init_scale", 1.0))
+    if m.name == "mlp":
+        kw.update(in_features=int(np.prod(bundle.input_shape)), num_classes=bundle.num_classes,
+                  depth=int(m.depth), width=int(m.width), activation=str(m.activation))
+    elif m.name in ("vgg", "cnn"):
+        if len(bundle.input_shape) != 3:
+            raise ConfigError(f"model={m.name} needs image data (C, H, W); {bundle.name} gives {bundle.input_shape}")
+        kw.update(num_classes=bundle.num_classes, in_channels=bundle.input_shape[0], image_size=bundle.input_shape[-1],
+                  variant=str(m.variant), activation=str(m.activation))
+    elif m.name == "dln":
+        if bundle.task != "regression":
+            raise ConfigError("model=dln trains on regression data; use data=gaussian")
+        kw.update(dim=int(bundle.input_shape[0]), depth=int(m.depth))
+    else:
+        raise ConfigError(f"unknown model.name {m.name!r}; valid: mlp, vgg (cnn), dln")
+    return make_pair(str(m.name), arm_names(m), seed=int(cfg.seed), **kw)
+
+
+def build_optimizer(ocfg: DictConfig, params) -> torch.optim.Optimizer:
+    """SGD (momentum, nesterov) or Adam from ``cfg.optim``."""
+    name = str(ocfg.name).lower()
+    lr = float(ocfg.lr)
+    if not lr > 0:
+        raise ConfigError(f"optim.lr must be > 0, got {lr}")
+    wd = float(ocfg.get("weight_decay", 0.0))
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=float(ocfg.get("momentum", 0.0)),
+                               nesterov=bool(ocfg.get("nesterov", False)), weight_decay=wd)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=tuple(ocfg.get("betas", (0.9, 0.999))), weight_decay=wd)
+    raise ConfigError(f"unknown optim.name {name!r}; valid: sgd, adam")
+
+
+def build_scheduler(ocfg: DictConfig, opt: torch.optim.Optimizer, steps: int):
+    """``constant``, ``cosine`` or ``step`` (x0.1 at 50% and 75%), with optional linear warm-up."""
+    kind = str(ocfg.get("schedule", "constant"))
+    warm = int(ocfg.get("warmup_steps", 0))
+
+    def factor(step: int) -> float:
+        w = min(1.0, (step + 1) / warm) if warm else 1.0
+        if kind == "constant":
+            return w
+        if kind == "cosine":
+            return w * 0.5 * (1 + np.cos(np.pi * min(step, steps) / max(1, steps)))
+        if kind == "step":
+            return w * (0.1 ** ((step >= steps // 2) + (step >= 3 * steps // 4)))
+        raise ConfigError(f"unknown optim.schedule {kind!r}; valid: constant, cosine, step")
+
+    factor(0)
+    if kind == "constant" and not warm:
+        return None
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def make_criterion(task: str):
+    """Cross-entropy for classification; squared error ||f(x) - y||^2 (mean over the batch) for regression."""
+    if task == "classification":
+        return nn.functional.cross_entropy
+    return lambda out, y: (out - y).pow(2).sum(1).mean()
+
+
+def make_evaluator(bundle: DataBundle, criterion, device: torch.device, batch_size: int):
+    """Test loss (and accuracy) of a model in eval mode over the whole test split."""
+    xs, ys = bundle.test.tensors if hasattr(bundle.test, "tensors") else _stack(bundle.test)
+    xs, ys = xs.to(device), ys.to(device)
+    if len(xs) == 0:
+        return None
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        was = model.training
+        model.eval()
+        tot_loss, correct = 0.0, 0.0
+        for i in range(0, len(xs), batch_size):
+            x, y = xs[i:i + batch_size], ys[i:i + batch_size]
+            out = model(x)
+            tot_loss += float(criterion(out, y)) * len(x)
+            if bundle.task == "classification":
+                correct += float((out.argmax(1) == y).sum())
+        model.train(was)
+        res = {"test_loss": tot_loss / len(xs)}
+        if bundle.task == "classification":
+            res["test_acc"] = correct / len(xs)
+        return res
+
+    return evaluate
+
+
+def _stack(ds) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = zip(*(ds[i] for i in range(len(ds))), strict=True)
+    return torch.stack(xs), torch.as_tensor(ys)
+
+
+def build_recorder(rcfg: DictConfig, model: nn.Module, path: Path) -> Recorder | None:
+    """The Recorder of one arm from ``cfg.recorder`` (None when disabled)."""
+    if not rcfg.get("enabled", True):
+        return None
+    layers = list(rcfg.layers) if rcfg.get("layers") is not None else None
+    hist_range = rcfg.get("hist_range", "auto")
+    if hist_range != "auto" and hist_range is not None:
+        hist_range = tuple(float(v) for v in hist_range)
+    sched = rcfg.get("schedule", 1)
+    if OmegaConf.is_list(sched):
+        sched = list(sched)
+    return Recorder(
+        model, layers=layers, capture=str(rcfg.get("capture", "output")), stats=list(rcfg.stats),
+        quantiles=[float(q) for q in rcfg.get("quantiles", (0.15, 0.5, 0.85))], hist_bins=int(rcfg.get("hist_bins", 32)),
+        hist_range=hist_range or "auto", schedule=sched, path=path, flush_every=int(rcfg.get("flush_every", 256)),
+        sat_threshold=float(rcfg.get("sat_threshold", 4.0)),
+    )
+
+
+def build_probes(mcfg: DictConfig | None, model_layers: list[str], probe_loss, lr: float) -> list[Probe]:
+    """Online metric probes (gradient ICS, loss smoothness, BN gap) from ``cfg.metrics``."""
+    probes: list[Probe] = []
+    if mcfg is None:
+        return probes
+    ics = mcfg.get("ics")
+    if ics is not None and ics.get("enabled", False):
+        layers = list(ics.layers) if ics.get("layers") else model_layers
+
+        def ics_fn(arm: Arm, batch, step: int):
+            df = M.gradient_ics(arm.model, probe_loss, batch, arm.optimizer, layers)
+            return [({"ics_l2": r.l2, "ics_cos": r.cos, "ics_grad_norm": r.grad_norm}, r.layer) for r in df.itertuples()]
+
+        probes.append(Probe("ics", Schedule.parse(ics.get("schedule", 100)), ics_fn))
+    sm = mcfg.get("smoothness")
+    if sm is not None and sm.get("enabled", False):
+        scales = tuple(float(s) for s in sm.scales) if sm.get("scales") else None
+
+        def smooth_fn(arm: Arm, batch, step: int):
+            cur_lr = float(arm.optimizer.param_groups[0]["lr"])
+            kw = {"scales": scales} if scales else {}
+            res = M.loss_smoothness(arm.model, probe_loss, batch, cur_lr, **kw)
+            return [({f"smooth_{k}": float(v) for k, v in res.items() if np.isscalar(v)}, "")]
+
+        probes.append(Probe("smoothness", Schedule.parse(sm.get("schedule", 100)), smooth_fn))
+    gap = mcfg.get("bn_gap")
+    if gap is not None and gap.get("enabled", False):
+
+        def gap_fn(arm: Arm, batch, step: int):
+            df = M.bn_gap(arm.model, batch[0])
+            return [({"bngap_mean_shift": r.mean_shift, "bngap_var_ratio": r.var_ratio, "bngap_w2": r.w2}, r.layer)
+                    for r in df.itertuples()]
+
+        probes.append(Probe("bn_gap", Schedule.parse(gap.get("schedule", 100)), gap_fn))
+    return probes
+
+
+@contextmanager
+def graceful_signals() -> Iterator[None]:
+    """SIGTERM (e.g. a cluster's pre-emption) raises KeyboardInterrupt so the run folder is closed cleanly."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, handler) if _main_thread() else None
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Train every arm of ``cfg`` into ``run_dir``; returns the final run.json content."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume = bool(cfg.get("resume", False))
+    status_path = run_dir / "run.json"
+    if not resume and (run_dir / "arms").exists():
+        raise ConfigError(f"{run_dir} already holds a run; pass resume=true to continue it or choose a new folder")
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    seed_everything(int(cfg.seed))
+    device = resolve_device(str(cfg.device))
+    bundle = load_data(cfg)
+    models = build_arms_models(cfg, bundle)
+    steps = int(cfg.train.steps)
+    criterion = make_criterion(bundle.task)
+    arms: list[Arm] = []
+    for name, model in models.items():
+        model.to(device)
+        opt = build_optimizer(cfg.optim, model.parameters())
+        rec = build_recorder(cfg.recorder, model, run_dir / "arms" / name)
+        if rec is None:
+            (run_dir / "arms" / name / "stats").mkdir(parents=True, exist_ok=True)
+        arms.append(Arm(name, model, opt, build_scheduler(cfg.optim, opt, steps), rec))
+    first = next(iter(models.values()))
+    stream = BatchStream(bundle.train, cfg.data.batch_size, seed=int(cfg.seed), device=device)
+
+    def probe_loss(model: nn.Module, batch) -> torch.Tensor:
+        return criterion(model(batch[0]), batch[1])
+
+    probes = build_probes(cfg.get("metrics"), first.weight_layer_names(), probe_loss, float(cfg.optim.lr))
+    container = OmegaConf.to_container(cfg, resolve=True)
+    logger = make_logger(cfg.get("logger"), run_dir, container)
+    info: dict[str, Any] = read_json(status_path) if (resume and status_path.exists()) else {}
+    info.update({"name": str(cfg.get("name", "run")), "status": "running", "started": info.get("started", _now()),
+                 "device": str(device), "steps": steps, "arms": {}, "wandb_run": logger.run_id})
+    write_json_atomic(status_path, info)
+    eval_bs = int(cfg.train.get("eval_batch_size", 1000))
+    progress = tqdm(total=steps, desc=f"{info['name']} [{','.join(models)}]", unit="step", mininterval=1.0,
+                    disable=not bool(cfg.train.get("progress", True)), dynamic_ncols=True)
+    trainer = Trainer(
+        arms, stream, criterion, run_dir=run_dir, steps=steps, device=device,
+        evaluate=make_evaluator(bundle, criterion, device, eval_bs), eval_every=int(cfg.train.eval_every),
+        log_every=int(cfg.train.log_every), checkpoint_every=int(cfg.train.get("checkpoint_every", 0)),
+        probes=probes, accuracy=bundle.task == "classification", on_log=logger.log, progress=progress,
+    )
+    if resume and trainer.checkpointer.exists():
+        start = trainer.load_checkpoint()
+        progress.update(start)
+        log.info("resumed %s at step %d", run_dir, start)
+    elif trainer.step == 0 and trainer.evaluate is not None and trainer.eval_every:
+        trainer.run_eval()  # accuracy at initialization, so curves start at step 0
+    exit_code = 0
+    try:
+        with graceful_signals():
+            trainer.run()
+        info["status"] = "finished"
+    except KeyboardInterrupt:
+        info["status"] = "interrupted"
+        exit_code = 130
+        raise
+    except Exception as e:
+        info["status"] = "failed"
+        info["error"] = f"{type(e).__name__}: {e}"
+        exit_code = 1
+        raise
+    finally:
+        progress.close()
+        info["arms"] = {a.name: a.summary() for a in arms}
+        info["finished"] = _now()
+        final = _final_metrics(run_dir)
+        info["final"] = final
+        write_json_atomic(status_path, info)
+        logger.summary({f"{arm}/final_{k}": v for arm, d in final.items() for k, v in d.items()})
+        logger.summary({f"{a.name}/status": a.status for a in arms})
+        logger.finish(exit_code)
+    return info
+
+
+def _final_metrics(run_dir: Path) -> dict[str, dict[str, float]]:
+    """Last value of each per-arm scalar metric (test accuracy, loss, ...)."""
+    from .store import read_metrics
+
+    try:
+        df = read_metrics(run_dir)
+    except Exception:  # a summary must never hide the real error
+        return {}
+    df = df[df["layer"] == ""]
+    if df.empty:
+        return {}
+    last = df.sort_values("step").groupby(["arm", "metric"]).tail(1)
+    out: dict[str, dict[str, float]] = {}
+    for r in last.itertuples():
+        out.setdefault(r.arm, {})[r.metric] = float(r.value)
+    return out

@@ -1,0 +1,359 @@
+"""The paired training loop: one data stream drives every arm through the same batches.
+
+Each arm (a model with its optimizer, scheduler and Recorder) takes one step per batch.
+Online probes (gradient ICS, loss smoothness, BN train/eval gap) run at their own schedules
+at w_t, before the arm's step, with the Recorder paused. An arm whose loss or activations turn
+non-finite is marked ``diverged`` at that step and stops; the others go on. Checkpoints hold
+everything needed to continue bit-exactly on the CPU (models, optimizers, schedulers, data
+position, RNG states, and how many chunks each table had), so a resumed run has no duplicate
+and no gap in its recorded steps.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .hooks import Recorder
+from .schedule import Schedule
+from .store import MetricsWriter, chunk_files
+
+LossFn = Callable[[nn.Module, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
+
+
+@dataclass
+class Arm:
+    """One network of a paired run and everything that trains it."""
+
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any = None
+    recorder: Recorder | None = None
+    status: str = "running"  # running | finished | diverged
+    diverged_step: int | None = None
+    reason: str = ""
+    last_step: int = -1
+    _losses: list[torch.Tensor] = field(default_factory=list)
+    _accs: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def active(self) -> bool:
+        return self.status == "running"
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready status of this arm for run.json."""
+        return {"status": self.status, "diverged_step": self.diverged_step, "reason": self.reason,
+                "last_step": self.last_step}
+
+
+@dataclass
+class Probe:
+    """An online metric: ``fn(arm, batch, step) -> list[(metrics dict, layer)]`` at a schedule."""
+
+    name: str
+    schedule: Schedule
+    fn: Callable[[Arm, Any, int], list[tuple[dict[str, float], str]]]
+
+
+class Checkpointer:
+    """Saves and restores the full training state in ``<run>/checkpoint.pt`` (atomic)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / "checkpoint.pt"
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def save(self, state: dict[str, Any]) -> None:
+        tmp = self.path.with_name(".checkpoint.pt.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+
+    def load(self) -> dict[str, Any]:
+        return torch.load(self.path, map_location="cpu", weights_only=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step may draw from (torch CPU/CUDA, numpy, random)."""
+    st = {"torch": torch.get_rng_state(), "numpy": _np_state_to_tensors(), "python": _py_state_to_tensors()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+    kind, keys, pos, has_gauss, gauss = st["numpy"]
+    np.random.set_state((str(kind), keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
+    version, internal, gauss_next = st["python"]
+    random.setstate((int(version), tuple(int(v) for v in internal.tolist()),
+                     None if math.isnan(float(gauss_next)) else float(gauss_next)))
+
+
+def _np_state_to_tensors():
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return ["MT19937" if kind == "MT19937" else kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
+            int(has_gauss), float(gauss)]
+
+
+def _py_state_to_tensors():
+    version, internal, gauss_next = random.getstate()
+    return [int(version), torch.tensor(internal, dtype=torch.int64),
+            float("nan") if gauss_next is None else float(gauss_next)]
+
+
+class Trainer:
+    """Drives all arms over one batch stream; writes metrics; checkpoints; handles divergence."""
+
+    def __init__(
+        self,
+        arms: list[Arm],
+        stream: Iterator,
+        loss_fn: LossFn,
+        *,
+        run_dir: str | os.PathLike,
+        steps: int,
+        device: torch.device,
+        evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+        eval_every: int = 0,
+        log_every: int = 50,
+        checkpoint_every: int = 0,
+        probes: list[Probe] | None = None,
+        accuracy: bool = True,
+        on_log: Callable[[int, str, dict[str, float]], None] | None = None,
+        progress: Any = None,
+        stop_on_divergence: bool = True,
+    ):
+        self.arms = arms
+        self.stream = stream
+        self.loss_fn = loss_fn
+        self.run_dir = Path(run_dir)
+        self.steps = int(steps)
+        self.device = device
+        self.evaluate = evaluate
+        self.eval_every = int(eval_every)
+        self.log_every = max(1, int(log_every))
+        self.checkpoint_every = int(checkpoint_every)
+        self.probes = probes or []
+        self.accuracy = accuracy
+        self.on_log = on_log
+        self.progress = progress
+        self.stop_on_divergence = stop_on_divergence
+        self.metrics = MetricsWriter(self.run_dir)
+        self.checkpointer = Checkpointer(self.run_dir)
+        self.step = 0
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly here (chunk counts let resume drop later rows)."""
+        return {
+            "step": self.step,
+            "rng": rng_state(),
+            "stream": self.stream.state_dict() if hasattr(self.stream, "state_dict") else None,
+            "arms": {
+                a.name: {
+                    "model": a.model.state_dict(),
+                    "optimizer": a.optimizer.state_dict(),
+                    "scheduler": a.scheduler.state_dict() if a.scheduler is not None else None,
+                    "status": a.status,
+                    "diverged_step": -1 if a.diverged_step is None else a.diverged_step,
+                    "last_step": a.last_step,
+                    "recorder_edges": _edges_of(a.recorder),
+                }
+                for a in self.arms
+            },
+            "chunks": self._chunk_counts(),
+        }
+
+    def _chunk_dirs(self) -> list[Path]:
+        dirs = [self.run_dir / "metrics"]
+        dirs += [a.recorder.stats_dir for a in self.arms if a.recorder is not None]
+        return dirs
+
+    def _chunk_counts(self) -> dict[str, int]:
+        return {str(d.relative_to(self.run_dir)): len(chunk_files(d)) for d in self._chunk_dirs()}
+
+    def save_checkpoint(self) -> None:
+        """Flush every table (so a chunk boundary sits at this step) and save the state."""
+        self.flush()
+        self.checkpointer.save(self.state_dict())
+
+    def load_checkpoint(self) -> int:
+        """Restore the last checkpoint; delete rows written after it. Returns the step to go on from."""
+        st = self.checkpointer.load()
+        for rel, count in st["chunks"].items():
+            for extra in chunk_files(self.run_dir / rel)[count:]:
+                extra.unlink()
+        for a in self.arms:
+            s = st["arms"][a.name]
+            a.model.load_state_dict(s["model"])
+            a.optimizer.load_state_dict(s["optimizer"])
+            if a.scheduler is not None and s["scheduler"] is not None:
+                a.scheduler.load_state_dict(s["scheduler"])
+            a.status = s["status"]
+            a.diverged_step = None if s["diverged_step"] < 0 else int(s["diverged_step"])
+            a.last_step = int(s["last_step"])
+            if a.recorder is not None:
+                a.recorder.current_step = int(st["step"])
+                a.recorder.restore_edges(_parse_edges(s["recorder_edges"]))
+        if st["stream"] is not None:
+            self.stream.load_state_dict(st["stream"])
+        set_rng_state(st["rng"])
+        self.step = int(st["step"])
+        return self.step
+
+    def flush(self) -> None:
+        """Write everything buffered (recorders and metrics) to the run folder and wait for it."""
+        for a in self.arms:
+            if a.recorder is not None:
+                a.recorder.flush(wait=True)
+        self._log_losses(force=True)
+        self.metrics.flush()
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> None:
+        """Train from ``self.step`` to ``self.steps``."""
+        for a in self.arms:
+            if a.recorder is not None:
+                a.recorder.attach()
+        try:
+            while self.step < self.steps and any(a.active for a in self.arms):
+                self.train_step(next(self.stream))
+                self.step += 1
+                if self.progress is not None:
+                    self.progress.update(1)
+                if self.eval_every and (self.step % self.eval_every == 0 or self.step == self.steps):
+                    self.run_eval()
+                if self.checkpoint_every and self.step % self.checkpoint_every == 0 and self.step < self.steps:
+                    self.save_checkpoint()
+            for a in self.arms:
+                if a.active:
+                    a.status = "finished"
+        finally:
+            for a in self.arms:
+                if a.recorder is not None:
+                    a.recorder.close()
+            self._log_losses(force=True)
+            self.metrics.flush()
+
+    def train_step(self, batch) -> None:
+        """One step of every active arm on the same batch."""
+        x, y = (t.to(self.device, non_blocking=True) for t in batch)
+        for a in self.arms:
+            if not a.active:
+                continue
+            for probe in self.probes:
+                if probe.schedule(self.step):
+                    self._run_probe(probe, a, (x, y))
+            a.model.train()
+            a.optimizer.zero_grad(set_to_none=True)
+            out = a.model(x)
+            loss = self.loss_fn(out, y)
+            loss.backward()
+            a.optimizer.step()
+            if a.scheduler is not None:
+                a.scheduler.step()
+            if a.recorder is not None:
+                a.recorder.step()
+            a._losses.append(loss.detach())
+            if self.accuracy and out.dim() == 2 and y.dtype == torch.long:
+                a._accs.append((out.detach().argmax(1) == y).float().mean())
+            a.last_step = self.step
+        if (self.step + 1) % self.log_every == 0:
+            self._log_losses()
+
+    def _run_probe(self, probe: Probe, arm: Arm, batch) -> None:
+        ctx = arm.recorder.paused() if arm.recorder is not None else _null()
+        with ctx:
+            rows = probe.fn(arm, batch, self.step)
+        for values, layer in rows:
+            self.metrics.log(self.step, arm.name, values, layer=layer)
+            if self.on_log is not None:
+                self.on_log(self.step, arm.name, {f"{k}/{layer}" if layer else k: v for k, v in values.items()})
+
+    def _log_losses(self, force: bool = False) -> None:
+        """Move the buffered losses to the host in one transfer; detect divergence."""
+        for a in self.arms:
+            if not a._losses:
+                continue
+            losses = torch.stack(a._losses).cpu().numpy()
+            accs = torch.stack(a._accs).cpu().numpy() if a._accs else None
+            first = a.last_step - len(losses) + 1
+            a._losses, a._accs = [], []
+            bad = np.flatnonzero(~np.isfinite(losses))
+            if bad.size:
+                self._diverge(a, first + int(bad[0]), f"non-finite training loss {losses[bad[0]]}")
+                losses = losses[: bad[0]]
+                accs = accs[: bad[0]] if accs is not None else None
+            if losses.size == 0:
+                continue
+            vals = {"loss": float(losses.mean())}
+            if accs is not None and accs.size:
+                vals["acc"] = float(accs.mean())
+            vals["lr"] = float(a.optimizer.param_groups[0]["lr"])
+            step = first + losses.size - 1
+            self.metrics.log(step, a.name, vals)
+            if self.on_log is not None:
+                self.on_log(step, a.name, vals)
+        if self.progress is not None and hasattr(self.progress, "set_postfix"):
+            self.progress.set_postfix({a.name: a.status if not a.active else "ok" for a in self.arms}, refresh=False)
+
+    def _diverge(self, arm: Arm, step: int, reason: str) -> None:
+        if arm.status == "diverged":
+            return
+        arm.status = "diverged"
+        arm.diverged_step = step
+        arm.reason = reason
+        self.metrics.log(step, arm.name, {"diverged": 1.0})
+        if self.on_log is not None:
+            self.on_log(step, arm.name, {"diverged": 1.0})
+        if self.progress is not None:
+            self.progress.write(f"arm {arm.name!r} diverged at step {step}: {reason}; the other arms go on")
+        if arm.recorder is not None:
+            arm.recorder.remove()
+
+    def run_eval(self) -> None:
+        """Test loss/accuracy of every arm that still trains (eval mode; nothing recorded)."""
+        if self.evaluate is None:
+            return
+        for a in self.arms:
+            if a.status == "diverged":
+                continue
+            ctx = a.recorder.paused() if a.recorder is not None else _null()
+            with ctx:
+                vals = self.evaluate(a.model)
+            self.metrics.log(self.step, a.name, vals)
+            if self.on_log is not None:
+                self.on_log(self.step, a.name, vals)
+
+
+def _edges_of(rec: Recorder | None) -> dict[str, list[float]]:
+    """Histogram ranges of a recorder as checkpoint-friendly ``{"layer|mode": [lo, hi]}``."""
+    if rec is None:
+        return {}
+    return {f"{layer}|{mode}": list(edges) for (layer, mode), edges in rec.hist_edges().items()}
+
+
+def _parse_edges(edges: dict[str, list[float]]) -> dict[tuple[str, str], tuple[float, float]]:
+    return {tuple(k.split("|", 1)): (float(v[0]), float(v[1])) for k, v in edges.items()}
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False

@@ -1,0 +1,81 @@
+"""The paired training job end to end on the offline data (tiny sizes)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import icsk
+from icsk.config import compose
+from icsk.experiment import ConfigError, run
+
+
+def tiny(tmp_path, *extra: str, steps: int = 40):
+    cfg = compose(["experiment=demo", f"train.steps={steps}", "train.eval_every=20", "train.log_every=10",
+                   "train.checkpoint_every=0", "logger=none", "train.progress=false", *extra])
+    return run(cfg, tmp_path), tmp_path
+
+
+def test_demo_job_writes_a_run_folder_load_run_reads(tmp_path):
+    info, run_dir = tiny(tmp_path)
+    assert info["status"] == "finished"
+    assert {a: s["status"] for a, s in info["arms"].items()} == {"bn": "finished", "none": "finished"}
+    df = icsk.load_run(run_dir)
+    assert set(df.arm.unique()) == {"bn", "none"}
+    assert set(df.layer.unique()) == {"block1.pre_act", "block2.pre_act", "block3.pre_act"}
+    q = df[(df.layer == "block3.pre_act") & df.stat.isin(["q0.15", "q0.5", "q0.85"])]
+    # every step of both arms has the three percentiles of all 100 units
+    assert q.groupby(["arm", "step"], observed=True).size().eq(300).all()
+    assert sorted(q.step.unique()) == list(range(40))
+    m = icsk.load_run(run_dir, table="metrics")
+    acc = m[m.metric == "test_acc"]
+    assert sorted(acc.step.unique()) == [0, 20, 40]
+    assert set(acc.arm) == {"bn", "none"}
+    cfg = (run_dir / "config.yaml").read_text()
+    assert "name: demo" in cfg
+    assert json.loads((run_dir / "run.json").read_text())["final"]["bn"]["test_acc"] > 0
+
+
+def test_recorded_stats_are_those_of_the_arm_models(tmp_path):
+    """The first recorded step equals a direct computation on the first batch at init."""
+    info, run_dir = tiny(tmp_path, steps=2)
+    cfg = compose(["experiment=demo"])
+    from icsk.data import BatchStream
+    from icsk.experiment import build_arms_models, load_data
+
+    bundle = load_data(cfg)
+    models = build_arms_models(cfg, bundle)
+    x, _ = next(BatchStream(bundle.train, 60, seed=0))
+    df = icsk.load_run(run_dir, stats=["mean", "q0.5"], steps=[0])
+    for arm, model in models.items():
+        model.train()
+        acts = {}
+        h = model.block3.pre_act.register_forward_hook(lambda m, i, o: acts.update(a=o.detach().double()))
+        model(x)
+        h.remove()
+        got = df[(df.arm == arm) & (df.layer == "block3.pre_act") & (df.stat == "mean")].sort_values("unit").value
+        np.testing.assert_allclose(got.to_numpy(), acts["a"].mean(0).numpy(), rtol=1e-4, atol=1e-5)
+        got = df[(df.arm == arm) & (df.layer == "block3.pre_act") & (df.stat == "q0.5")].sort_values("unit").value
+        np.testing.assert_allclose(got.to_numpy(), np.quantile(acts["a"].numpy(), 0.5, axis=0), rtol=1e-4, atol=1e-5)
+
+
+def test_single_arm_via_model_norm(tmp_path):
+    info, run_dir = tiny(tmp_path, "model.norm=noisy_bn", steps=5)
+    assert list(info["arms"]) == ["noisy_bn"]
+    assert set(icsk.load_run(run_dir).arm.unique()) == {"noisy_bn"}
+
+
+def test_refuses_to_overwrite_an_existing_run(tmp_path):
+    tiny(tmp_path, steps=2)
+    with pytest.raises(ConfigError, match="resume=true"):
+        tiny(tmp_path, steps=2)
+
+
+def test_cuda_request_without_cuda_is_a_clear_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(ConfigError, match="device=auto"):
+        tiny(tmp_path, "device=cuda", steps=1)
