@@ -290,6 +290,10 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             (run_dir / "arms" / name / "stats").mkdir(parents=True, exist_ok=True)
         arms.append(Arm(name, model, opt, build_scheduler(cfg.optim, opt, steps), rec))
     first = next(iter(models.values()))
+    batch_norms = sorted(set(models) & {"bn", "noisy_bn", "lp"})
+    if cfg.data.batch_size is not None and int(cfg.data.batch_size) < 2 and batch_norms:
+        raise ConfigError(f"arms {batch_norms} normalize over the batch and cannot train with data.batch_size="
+                          f"{cfg.data.batch_size}; use data.batch_size>=2 or drop those arms (model.arms=[none,ln])")
     stream = BatchStream(bundle.train, cfg.data.batch_size, seed=int(cfg.seed), device=device)
 
     def probe_loss(model: nn.Module, batch) -> torch.Tensor:

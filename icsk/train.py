@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,6 +156,10 @@ class Trainer:
         self.metrics = MetricsWriter(self.run_dir)
         self.checkpointer = Checkpointer(self.run_dir)
         self.step = 0
+        # checking each loss costs a device sync on accelerators: there, check at log steps
+        self._eager_checks = device.type == "cpu"
+        kill = os.environ.get("ICSK_FAULT_KILL_AT_STEP")  # fault injection for crash tests
+        self._kill_at = int(kill) if kill else None
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -220,7 +225,7 @@ class Trainer:
         for a in self.arms:
             if a.recorder is not None:
                 a.recorder.flush(wait=True)
-        self._log_losses(force=True)
+        self._log_losses()
         self.metrics.flush()
 
     # ------------------------------------------------------------------ loop
@@ -231,6 +236,8 @@ class Trainer:
                 a.recorder.attach()
         try:
             while self.step < self.steps and any(a.active for a in self.arms):
+                if self._kill_at is not None and self.step == self._kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
                 self.train_step(next(self.stream))
                 self.step += 1
                 if self.progress is not None:
@@ -246,7 +253,7 @@ class Trainer:
             for a in self.arms:
                 if a.recorder is not None:
                     a.recorder.close()
-            self._log_losses(force=True)
+            self._log_losses()
             self.metrics.flush()
 
     def train_step(self, batch) -> None:
@@ -262,6 +269,12 @@ class Trainer:
             a.optimizer.zero_grad(set_to_none=True)
             out = a.model(x)
             loss = self.loss_fn(out, y)
+            if self._eager_checks and not math.isfinite(loss.item()):  # no device sync on the CPU
+                if a.recorder is not None:
+                    a.recorder.step()  # keep the statistics of the forward that went non-finite
+                self._log_losses_of(a)
+                self._diverge(a, self.step, f"non-finite training loss {loss.item()}")
+                continue
             loss.backward()
             a.optimizer.step()
             if a.scheduler is not None:
@@ -284,32 +297,37 @@ class Trainer:
             if self.on_log is not None:
                 self.on_log(self.step, arm.name, {f"{k}/{layer}" if layer else k: v for k, v in values.items()})
 
-    def _log_losses(self, force: bool = False) -> None:
+    def _log_losses(self) -> None:
         """Move the buffered losses to the host in one transfer; detect divergence."""
         for a in self.arms:
-            if not a._losses:
-                continue
-            losses = torch.stack(a._losses).cpu().numpy()
-            accs = torch.stack(a._accs).cpu().numpy() if a._accs else None
-            first = a.last_step - len(losses) + 1
-            a._losses, a._accs = [], []
-            bad = np.flatnonzero(~np.isfinite(losses))
-            if bad.size:
-                self._diverge(a, first + int(bad[0]), f"non-finite training loss {losses[bad[0]]}")
-                losses = losses[: bad[0]]
-                accs = accs[: bad[0]] if accs is not None else None
-            if losses.size == 0:
-                continue
-            vals = {"loss": float(losses.mean())}
-            if accs is not None and accs.size:
-                vals["acc"] = float(accs.mean())
-            vals["lr"] = float(a.optimizer.param_groups[0]["lr"])
-            step = first + losses.size - 1
-            self.metrics.log(step, a.name, vals)
-            if self.on_log is not None:
-                self.on_log(step, a.name, vals)
+            self._log_losses_of(a)
         if self.progress is not None and hasattr(self.progress, "set_postfix"):
             self.progress.set_postfix({a.name: a.status if not a.active else "ok" for a in self.arms}, refresh=False)
+
+    def _log_losses_of(self, a: Arm) -> None:
+        if a._losses:
+            self._flush_losses(a)
+
+    def _flush_losses(self, a: Arm) -> None:
+        losses = torch.stack(a._losses).cpu().numpy()
+        accs = torch.stack(a._accs).cpu().numpy() if a._accs else None
+        first = a.last_step - len(losses) + 1
+        a._losses, a._accs = [], []
+        bad = np.flatnonzero(~np.isfinite(losses))
+        if bad.size:
+            self._diverge(a, first + int(bad[0]), f"non-finite training loss {losses[bad[0]]}")
+            losses = losses[: bad[0]]
+            accs = accs[: bad[0]] if accs is not None else None
+        if losses.size == 0:
+            return
+        vals = {"loss": float(losses.mean())}
+        if accs is not None and accs.size:
+            vals["acc"] = float(accs.mean())
+        vals["lr"] = float(a.optimizer.param_groups[0]["lr"])
+        step = first + losses.size - 1
+        self.metrics.log(step, a.name, vals)
+        if self.on_log is not None:
+            self.on_log(step, a.name, vals)
 
     def _diverge(self, arm: Arm, step: int, reason: str) -> None:
         if arm.status == "diverged":

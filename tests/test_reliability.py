@@ -1,0 +1,133 @@
+"""Divergence, interruption, resume, bad input and determinism of the training job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import icsk
+from icsk.config import compose
+from icsk.data import DatasetNotFoundError
+from icsk.experiment import ConfigError, run
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ["experiment=demo", "logger=none", "train.progress=false", "train.log_every=5"]
+
+
+def job(tmp_path, *extra, steps=30):
+    cfg = compose([*BASE, f"train.steps={steps}", "train.eval_every=10", "train.checkpoint_every=0", *extra])
+    return run(cfg, tmp_path)
+
+
+def cli(run_dir: Path, *extra: str, env_extra: dict | None = None, wait: bool = True):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1", **(env_extra or {})}
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), *BASE, f"hydra.run.dir={run_dir}", *extra]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def frames(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    st = icsk.load_run(run_dir).sort_values(["arm", "step", "layer", "stat", "unit"]).reset_index(drop=True)
+    mt = icsk.load_run(run_dir, table="metrics").sort_values(["arm", "step", "metric", "layer"]).reset_index(drop=True)
+    return st, mt
+
+
+def test_diverging_arm_stops_while_the_other_goes_on(tmp_path):
+    info = job(tmp_path, "model.activation=relu", "optim.lr=5", steps=60)
+    arms = info["arms"]
+    assert arms["bn"]["status"] == "finished" and arms["bn"]["last_step"] == 59
+    assert arms["none"]["status"] == "diverged"
+    s = arms["none"]["diverged_step"]
+    assert 0 < s < 60 and "non-finite" in arms["none"]["reason"]
+    saved = json.loads((tmp_path / "run.json").read_text())
+    assert saved["arms"]["none"]["diverged_step"] == s and saved["status"] == "finished"
+    m = icsk.load_run(tmp_path, table="metrics")
+    assert m[(m.metric == "diverged")].step.tolist() == [s]
+    df = icsk.load_run(tmp_path, stats=["nonfinite"])
+    none = df[df.arm == "none"]
+    assert none.step.max() == s  # the diverging forward is recorded, nothing after it
+    assert df[df.arm == "bn"].step.max() == 59
+
+
+def test_same_seed_gives_bit_identical_frames(tmp_path):
+    job(tmp_path / "a", "model.arms=[bn,noisy_bn]", steps=25)
+    job(tmp_path / "b", "model.arms=[bn,noisy_bn]", steps=25)
+    for fa, fb in zip(frames(tmp_path / "a"), frames(tmp_path / "b"), strict=True):
+        pd.testing.assert_frame_equal(fa, fb, check_exact=True)
+    job(tmp_path / "c", "model.arms=[bn,noisy_bn]", "seed=1", steps=25)
+    assert not frames(tmp_path / "a")[0].value.equals(frames(tmp_path / "c")[0].value)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
+    common = ["train.steps=60", "train.checkpoint_every=20", "train.eval_every=10", "model.arms=[bn,noisy_bn]"]
+    full = cli(tmp_path / "full", *common)
+    assert full.returncode == 0, full.stdout + full.stderr
+    killed = cli(tmp_path / "cut", *common, env_extra={"ICSK_FAULT_KILL_AT_STEP": "50"})
+    assert killed.returncode == -signal.SIGKILL
+    partial = icsk.load_run(tmp_path / "cut")  # a killed run folder still reads
+    assert 40 <= partial.step.max() + 1 <= 50 and partial.step.min() == 0
+    assert json.loads((tmp_path / "cut" / "run.json").read_text())["status"] == "running"
+    resumed = cli(tmp_path / "cut", *common, "resume=true")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    for fa, fb in zip(frames(tmp_path / "full"), frames(tmp_path / "cut"), strict=True):
+        pd.testing.assert_frame_equal(fa, fb, check_exact=True)
+    steps = icsk.load_run(tmp_path / "cut", stats=["mean"], layers=["block1.pre_act"])
+    counts = steps.groupby(["arm", "step"], observed=True).size()
+    assert (counts == 100).all() and len(counts) == 120  # no duplicate, no gap
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_flushes_and_marks_interrupted(tmp_path, sig):
+    proc = cli(tmp_path, "train.steps=1000000", "train.eval_every=0", "recorder.flush_every=16", wait=False)
+    try:
+        deadline = time.time() + 300
+        while not list((tmp_path / "arms" / "bn" / "stats").glob("chunk-*.parquet")):
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline, "no chunk appeared"
+            time.sleep(0.5)
+        proc.send_signal(sig)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    info = json.loads((tmp_path / "run.json").read_text())
+    assert info["status"] == "interrupted"
+    df = icsk.load_run(tmp_path, stats=["mean"], layers=["block1.pre_act"])
+    last = info["arms"]["bn"]["last_step"]
+    # everything up to the interrupt was flushed (staged steps included), without gaps; the
+    # forward of a step cut short by the signal may be recorded too
+    got = sorted(df[df.arm == "bn"].step.unique())
+    assert got == list(range(len(got))) and len(got) - 1 in (last, last + 1) and last > 0
+
+
+def test_bad_inputs_get_clear_messages(tmp_path):
+    with pytest.raises(ConfigError, match=r"batch_size=1.*batch_size>=2"):
+        job(tmp_path / "bs1", "data.batch_size=1", steps=2)
+    with pytest.raises(DatasetNotFoundError, match=str(tmp_path / "nodata")):
+        job(tmp_path / "mnist", "data=mnist", f"data.root={tmp_path / 'nodata'}", steps=2)
+    with pytest.raises(icsk.RecorderError, match=r"block9.pre_act.*nearest valid names.*block\d.pre_act"):
+        job(tmp_path / "layer", "recorder.layers=[block9.pre_act]", steps=2)
+
+
+def test_corrupt_or_partial_run_folders(tmp_path):
+    job(tmp_path, steps=20)
+    before = icsk.load_run(tmp_path)
+    (tmp_path / "run.json").unlink()  # partial folder: statistics still read
+    pd.testing.assert_frame_equal(icsk.load_run(tmp_path), before)
+    chunk = sorted((tmp_path / "arms" / "none" / "stats").glob("chunk-*.parquet"))[0]
+    good = chunk.read_bytes()
+    chunk.write_bytes(good[: len(good) // 2])
+    with pytest.raises(icsk.RunFolderError, match=rf"{chunk.name}.*unreadable"):
+        icsk.load_run(tmp_path)
+    chunk.write_bytes(good)  # the other files were never touched
+    pd.testing.assert_frame_equal(icsk.load_run(tmp_path), before)
