@@ -89,6 +89,9 @@ class _LayerState:
         self.edges: tuple[float, float] | None = None
         self.last_step = -1
         self.stage: torch.Tensor | None = None  # [K, 1, C, M] float32
+        self.slots: list[torch.Tensor] | None = None  # per staged step: a units-first view of stage
+        self.shape: torch.Size | None = None  # activation shape and device the slots were made for
+        self.device: torch.device | None = None
         self.stage_steps: list[int] = []
         self.steps: list[int] = []  # steps of the pending results
         self.counts: list[int] = []  # values per unit at each pending step
@@ -287,12 +290,28 @@ class Recorder:
             state = self._states[(name, mode)] = _LayerState(name, mode)
         if state.last_step == self.current_step:  # record the first forward of a step only
             return
-        x = self._tensor_of(name, module, value).detach()
-        cd = self.channel_dim % x.dim()
-        if cd != 1:
-            x = x.movedim(cd, 1)
-        n, c = x.shape[0], x.shape[1]
-        x4 = x.reshape(1, n, c, -1)
+        x = (value if type(value) is torch.Tensor else self._tensor_of(name, module, value)).detach()
+        slots = state.slots
+        if slots is not None and x.shape == state.shape and x.device == state.device:
+            # fast path: one copy into the staging slot of this step (units first)
+            state.last_step = self.current_step
+            slots[len(state.stage_steps)].copy_(x.movedim(self._cd(x), 0))
+            state.stage_steps.append(self.current_step)
+            if len(state.stage_steps) == len(slots):
+                self._reduce_stage(state)
+            return
+        self._capture_slow(state, name, module, x)
+
+    def _cd(self, x: torch.Tensor) -> int:
+        return self.channel_dim % x.dim()
+
+    def _capture_slow(self, state: _LayerState, name: str, module: nn.Module, x: torch.Tensor) -> None:
+        """First capture of a layer, a changed shape or device, or a layer too large to stage."""
+        x = self._tensor_of(name, module, x)
+        cd = self._cd(x)
+        xc = x.movedim(cd, 1) if cd != 1 else x
+        n, c = xc.shape[0], xc.shape[1]
+        x4 = xc.reshape(1, n, c, -1)
         if state.units is None:
             state.units = c
             if "hist" in self.spec.stats and state.edges is None:
@@ -300,13 +319,21 @@ class Recorder:
         elif c != state.units:
             raise RecorderError(f"layer {name!r} changed from {state.units} to {c} units between steps")
         state.last_step = self.current_step
+        self._reduce_stage(state)  # shape or device changed: reduce what is staged first
+        state.slots = None
         m = x4.shape[1] * x4.shape[3]
-        if 2 * c * m * 4 <= self.stage_bytes and self.max_stage_steps > 1:
-            self._stage(state, x4)
-        else:
-            state.results.append(self._reducer(x4, state.edges))
+        if 2 * c * m * 4 > self.stage_bytes or self.max_stage_steps < 2:
+            state.results.append(self._reducer(x4, state.edges))  # reduce now, inside the hook
             state.steps.append(self.current_step)
             state.counts.append(m)
+            return
+        k = max(2, min(self.max_stage_steps, self.stage_bytes // (c * m * 4)))
+        state.stage = torch.empty(k, 1, c, m, dtype=torch.float32, device=x.device)
+        units_first = x.movedim(cd, 0).shape
+        state.slots = [state.stage[i, 0].view(units_first) for i in range(k)]
+        state.shape, state.device = x.shape, x.device
+        state.slots[0].copy_(x.movedim(cd, 0))
+        state.stage_steps.append(self.current_step)
 
     def _hist_edges(self, x4: torch.Tensor) -> tuple[float, float]:
         if self.hist_range != "auto":
@@ -325,21 +352,6 @@ class Recorder:
         for (layer, mode), e in edges.items():
             state = self._states.setdefault((layer, mode), _LayerState(layer, mode))
             state.edges = (float(e[0]), float(e[1]))
-
-    def _stage(self, state: _LayerState, x4: torch.Tensor) -> None:
-        c, m = x4.shape[2], x4.shape[1] * x4.shape[3]
-        st = state.stage
-        if st is not None and (st.shape[3] != m or st.device != x4.device):
-            self._reduce_stage(state)  # batch size changed: reduce what is staged, restage
-            st = None
-        if st is None:
-            k = max(2, min(self.max_stage_steps, self.stage_bytes // (c * m * 4)))
-            st = state.stage = torch.empty(k, 1, c, m, dtype=torch.float32, device=x4.device)
-        k = len(state.stage_steps)
-        st[k, 0].view(c, x4.shape[1], x4.shape[3]).copy_(x4[0].transpose(0, 1))
-        state.stage_steps.append(self.current_step)
-        if len(state.stage_steps) == st.shape[0]:
-            self._reduce_stage(state)
 
     def _reduce_stage(self, state: _LayerState) -> None:
         k = len(state.stage_steps)
