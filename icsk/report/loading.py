@@ -1,0 +1,427 @@
+"""Collect run folders (single runs, Hydra sweep folders) and read their tables with config columns.
+
+A *run folder* holds ``run.json`` or ``arms/`` (or a Recorder's ``stats/``); a *sweep folder*
+holds run folders one or two levels down (Hydra multirun: ``0/ 1/ ...``). Tables of several runs
+are concatenated with a ``run`` column plus config columns (``seed`` and every config key that
+varies across runs, e.g. ``optim.lr``), so seeds can be aggregated and sweeps plotted.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ..store import RunFolderError, arms_of, load_run, read_json, read_recorder_meta
+from .style import order_arms
+
+# Config keys never treated as swept parameters (bookkeeping, or the arm itself).
+_NOT_SWEPT = re.compile(r"^(name|seed|model\.arms|model\.norm|(hydra|logger|wandb)(\..*)?|"
+                        r"(.*\.)?(\w*_dir|dir|\w*_path|path|root|\w*_file|project|entity|tags|notes|device|"
+                        r"\w*workers|log_every|progress))$")
+_MAX_DEPTH = 3
+
+
+class NoRunsError(FileNotFoundError):
+    """A path holds no run folder; the message names the folder."""
+
+
+def natural_key(s: str) -> list:
+    """Sort key that orders ``block2`` before ``block10``."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(s))]
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` is a run folder (``run.json``, ``arms/`` or a Recorder ``stats/``)."""
+    return (path / "run.json").is_file() or (path / "arms").is_dir() or (path / "stats" / "recorder.json").is_file()
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+        out[prefix[:-1]] = tuple(d) if isinstance(d, list) else d
+    return out
+
+
+def read_config(run_dir: Path) -> dict[str, Any]:
+    """The run's resolved config as a flat dict of dotted keys ({} when there is none)."""
+    for p in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml"):
+        if p.is_file():
+            from omegaconf import OmegaConf
+
+            cfg = OmegaConf.load(p)
+            try:
+                c = OmegaConf.to_container(cfg, resolve=True)
+            except Exception:  # e.g. ${hydra:...} outside a Hydra app
+                c = OmegaConf.to_container(cfg, resolve=False)
+            return _flatten(c)
+    return {}
+
+
+@dataclass
+class Run:
+    """One run folder: its config, status, and lazily read tables."""
+
+    path: Path
+    run_id: str
+    config: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, path: Path, run_id: str | None = None) -> Run:
+        """Read a run folder's config and run.json."""
+        path = Path(path)
+        info = read_json(path / "run.json") if (path / "run.json").is_file() else {}
+        return cls(path=path, run_id=run_id or path.name, config=read_config(path), info=info)
+
+    @property
+    def name(self) -> str | None:
+        """Experiment name from the config."""
+        n = self.config.get("name")
+        return str(n) if n not in (None, "") else None
+
+    @property
+    def seed(self) -> Any:
+        """The run's seed (None if unknown)."""
+        return self.config.get("seed")
+
+    @cached_property
+    def arm_dirs(self) -> list[str]:
+        """Arms with a stats folder (``arms/<arm>/``)."""
+        return arms_of(self.path)
+
+    @property
+    def default_arm(self) -> str:
+        """Arm name for a single-recorder folder (first configured arm, else ``run``)."""
+        arms = self.config.get("model.arms")
+        if isinstance(arms, tuple) and arms:
+            return str(arms[0])
+        return str(self.config.get("model.norm") or "run")
+
+    @cached_property
+    def arms(self) -> list[str]:
+        """Every arm the run knows about (run.json, stats folders, metrics), canonical order."""
+        names = set(self.arm_dirs) | set((self.info.get("arms") or {}).keys())
+        m = self.metrics
+        if len(m):
+            names |= set(m["arm"].astype(str).unique())
+        if not names and (self.path / "stats").is_dir():
+            names = {self.default_arm}
+        return order_arms(names)
+
+    def stats_dir(self, arm: str) -> Path:
+        """Stats folder of an arm."""
+        return self.path / "arms" / arm / "stats" if self.arm_dirs else self.path / "stats"
+
+    def recorder_meta(self, arm: str) -> dict:
+        """recorder.json of an arm's stats folder ({} when missing)."""
+        d = self.stats_dir(arm)
+        return read_recorder_meta(d) if d.is_dir() else {}
+
+    @cached_property
+    def metrics(self) -> pd.DataFrame:
+        """Training metrics ``step, arm, metric, layer, value`` (empty frame when none)."""
+        if not (self.path / "metrics").is_dir():
+            return pd.DataFrame(columns=["step", "arm", "metric", "layer", "value"])
+        df = load_run(self.path, table="metrics")
+        df["arm"] = df["arm"].astype(str)
+        df["layer"] = df["layer"].fillna("").astype(str)
+        return df
+
+    def _table(self, table: str, **kw) -> pd.DataFrame:
+        try:
+            df = load_run(self.path, table=table, **kw)
+        except RunFolderError:
+            return pd.DataFrame()
+        if "arm" not in df.columns:
+            df.insert(0, "arm", self.default_arm)
+        for c in ("arm", "layer", "stat"):
+            if c in df.columns:
+                df[c] = df[c].astype(str)
+        return df
+
+    def stats(self, layers: Sequence[str] | None = None, stats: Sequence[str] | None = None) -> pd.DataFrame:
+        """Recorder statistics ``arm, step, layer, stat, unit, value`` (train mode)."""
+        return self._table("stats", layers=layers, stats=stats)
+
+    def hist(self, layers: Sequence[str] | None = None) -> pd.DataFrame:
+        """Histograms ``arm, step, layer, unit, bin, left, right, count`` (train mode)."""
+        return self._table("hist", layers=layers)
+
+    def arm_state(self, arm: str) -> dict[str, Any]:
+        """Status of an arm: ``status``, ``diverged_step``, ``last_step`` (from run.json, and the
+        ``diverged`` metric when run.json lacks it)."""
+        st = dict((self.info.get("arms") or {}).get(arm) or {})
+        st.setdefault("status", self.info.get("status", "unknown"))
+        st.setdefault("diverged_step", None)
+        m = self.metrics
+        if st.get("diverged_step") is None and len(m):
+            d = m[(m["arm"] == arm) & (m["metric"] == "diverged") & (m["value"] > 0)]
+            if len(d):
+                st["diverged_step"] = int(d["step"].min())
+                st["status"] = "diverged"
+        if st.get("diverged_step") is not None:
+            st["status"] = "diverged"
+        if st.get("last_step") is None and len(m):
+            s = m.loc[m["arm"] == arm, "step"]
+            st["last_step"] = int(s.max()) if len(s) else None
+        return st
+
+
+def _sort_key(p: Path) -> list:
+    return natural_key(p.as_posix())
+
+
+def _scan(path: Path, depth: int) -> list[Path]:
+    if is_run_dir(path):
+        return [path]
+    if depth == 0:
+        return []
+    found: list[Path] = []
+    for sub in sorted((p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")), key=_sort_key):
+        found.extend(_scan(sub, depth - 1))
+    return found
+
+
+def find_run_dirs(path: str | Path) -> list[Path]:
+    """Run folders at ``path``: the folder itself, or run folders up to three levels below it.
+
+    Raises NoRunsError naming the folder when there are none."""
+    path = Path(path)
+    if not path.exists():
+        raise NoRunsError(f"{path}: no such file or folder")
+    if not path.is_dir():
+        raise NoRunsError(f"{path}: not a folder; pass a run folder or a sweep folder")
+    found = _scan(path, _MAX_DEPTH)
+    if not found:
+        raise NoRunsError(
+            f"{path}: no run folders found (a run folder has run.json or arms/; a sweep folder has "
+            "numbered run folders 0/ 1/ ... inside)"
+        )
+    return found
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, tuple):
+        return "[" + ",".join(map(str, v)) + "]"
+    return str(v)
+
+
+class RunSet:
+    """Several runs read together; tables carry ``run``, ``seed`` and the swept config keys."""
+
+    def __init__(self, runs: Iterable[Run], label: str = "", arms: Sequence[str] | None = None):
+        self.runs: list[Run] = list(runs)
+        self.label = label
+        self.arm_filter: list[str] | None = list(arms) if arms is not None else None
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    def __iter__(self) -> Iterator[Run]:
+        return iter(self.runs)
+
+    def __repr__(self) -> str:
+        return f"RunSet({len(self.runs)} runs{', ' + self.label if self.label else ''})"
+
+    # ------------------------------------------------------------------ configs
+    @cached_property
+    def arms(self) -> list[str]:
+        """Union of the runs' arms (within the arm filter), canonical order."""
+        arms = {a for r in self.runs for a in r.arms}
+        return order_arms(arms if self.arm_filter is None else arms & set(self.arm_filter))
+
+    def varying_keys(self, include_seed: bool = False) -> list[str]:
+        """Config keys whose value differs across runs (bookkeeping keys excluded)."""
+        keys = sorted({k for r in self.runs for k in r.config}, key=natural_key)
+        out = []
+        for k in keys:
+            if k == "seed":
+                if include_seed:
+                    vals = {_fmt(r.config.get(k)) for r in self.runs}
+                    if len(vals) > 1:
+                        out.append(k)
+                continue
+            if _NOT_SWEPT.match(k):
+                continue
+            vals = {_fmt(r.config.get(k)) for r in self.runs}
+            if len(vals) > 1:
+                out.append(k)
+        return out
+
+    def config_frame(self) -> pd.DataFrame:
+        """One row per run: ``run``, ``seed`` and the varying config keys."""
+        keys = self.varying_keys()
+        rows = []
+        for r in self.runs:
+            row = {"run": r.run_id, "seed": r.seed if r.seed is not None else r.run_id}
+            row.update({k: r.config.get(k) for k in keys})
+            rows.append(row)
+        return pd.DataFrame(rows, columns=["run", "seed", *keys])
+
+    def groups(self) -> list[RunSet]:
+        """Runs split by the varying config keys other than the seed (one group per setting);
+        a single group when only seeds differ."""
+        keys = self.varying_keys()
+        if not keys:
+            return [RunSet(self.runs, self.label, self.arm_filter)]
+        buckets: dict[tuple, list[Run]] = {}
+        for r in self.runs:
+            buckets.setdefault(tuple(_fmt(r.config.get(k)) for k in keys), []).append(r)
+
+        def order(item):
+            vals = []
+            for v in item[0]:
+                try:
+                    vals.append((0, float(v), ""))
+                except ValueError:
+                    vals.append((1, math.nan, v))
+            return vals
+
+        out = []
+        for vals, runs in sorted(buckets.items(), key=order):
+            label = ",".join(f"{k}={v}" for k, v in zip(keys, vals, strict=True))
+            out.append(RunSet(runs, label, self.arm_filter))
+        return out
+
+    def where(self, conditions: dict[str, str]) -> RunSet:
+        """Runs whose config matches every ``key=value`` (values compared as text or numbers)."""
+
+        def match(r: Run, k: str, v: str) -> bool:
+            have = r.config.get(k)
+            if have is None:
+                return False
+            if _fmt(have) == v or str(have) == v:
+                return True
+            try:
+                return math.isclose(float(have), float(v), rel_tol=1e-9)
+            except (TypeError, ValueError):
+                return False
+
+        keep = [r for r in self.runs if all(match(r, k, v) for k, v in conditions.items())]
+        return RunSet(keep, self.label, self.arm_filter)
+
+    def only_arms(self, arms: Sequence[str]) -> RunSet:
+        """Same runs, every table restricted to ``arms``."""
+        return RunSet(self.runs, self.label, arms)
+
+    @property
+    def name(self) -> str | None:
+        """Experiment name of the first run that has one."""
+        return next((r.name for r in self.runs if r.name), None)
+
+    # ------------------------------------------------------------------ tables
+    def attach(self, frames: list[tuple[Run, pd.DataFrame]]) -> pd.DataFrame:
+        """Concatenate per-run frames, adding ``run``, ``seed`` and the swept config keys (arm filter applied)."""
+        keys = self.varying_keys()
+        out = []
+        for r, df in frames:
+            if df is None or df.empty:
+                continue
+            df = df.copy()
+            if self.arm_filter is not None:
+                df = df[df["arm"].isin(self.arm_filter)]
+            df["run"] = r.run_id
+            df["seed"] = r.seed if r.seed is not None else r.run_id
+            for k in keys:
+                df[k] = r.config.get(k)
+            out.append(df)
+        if not out:
+            return pd.DataFrame()
+        return pd.concat(out, ignore_index=True)
+
+    def metrics(self, names: Sequence[str] | None = None) -> pd.DataFrame:
+        """Training metrics of every run (``names`` filters the metric column)."""
+        frames = []
+        for r in self.runs:
+            m = r.metrics
+            if names is not None and len(m):
+                m = m[m["metric"].isin(list(names))]
+            frames.append((r, m))
+        return self.attach(frames)
+
+    def has_metric(self, name: str) -> bool:
+        """Whether any run logged metric ``name``."""
+        return any(len(r.metrics) and (r.metrics["metric"] == name).any() for r in self.runs)
+
+    def stats(self, layers: Sequence[str] | None = None, stats: Sequence[str] | None = None) -> pd.DataFrame:
+        """Recorder statistics of every run."""
+        return self.attach([(r, r.stats(layers, stats)) for r in self.runs])
+
+    def hist(self, layers: Sequence[str] | None = None) -> pd.DataFrame:
+        """Histograms of every run."""
+        return self.attach([(r, r.hist(layers)) for r in self.runs])
+
+    def recorded(self) -> dict[str, set[str]]:
+        """Layer -> statistic names recorded in any run/arm (from recorder.json; cheap)."""
+        out: dict[str, set[str]] = {}
+        for r in self.runs:
+            arms = r.arm_dirs or ([r.default_arm] if (r.path / "stats").is_dir() else [])
+            for a in arms:
+                meta = r.recorder_meta(a)
+                outputs = set(meta.get("outputs") or [])
+                for layer, info in (meta.get("layers") or {}).items():
+                    s = out.setdefault(layer, set())
+                    s |= outputs
+                    if "hist_edges" in info:
+                        s.add("hist")
+        return out
+
+    def layers_with(self, *stats: str) -> list[str]:
+        """Recorded layers having all of ``stats``, naturally sorted."""
+        rec = self.recorded()
+        return sorted((layer for layer, s in rec.items() if set(stats) <= s), key=natural_key)
+
+    def divergence(self) -> pd.DataFrame:
+        """One row per (run, arm): ``run, seed, arm, status, diverged_step, last_step`` + swept keys."""
+        keys = self.varying_keys()
+        rows = []
+        for r in self.runs:
+            for a in r.arms:
+                if self.arm_filter is not None and a not in self.arm_filter:
+                    continue
+                st = r.arm_state(a)
+                row = {"run": r.run_id, "seed": r.seed if r.seed is not None else r.run_id, "arm": a,
+                       "status": st.get("status"), "diverged_step": st.get("diverged_step"),
+                       "last_step": st.get("last_step")}
+                row.update({k: r.config.get(k) for k in keys})
+                rows.append(row)
+        return pd.DataFrame(rows, columns=["run", "seed", "arm", "status", "diverged_step", "last_step", *keys])
+
+
+def collect_runs(paths: Iterable[str | Path]) -> RunSet:
+    """Every run folder under ``paths`` (run folders or sweep folders), as a RunSet.
+
+    Run ids are paths relative to the common parent, so ``sweep/0`` and ``sweep/1`` stay apart.
+    Raises NoRunsError naming the first path without runs."""
+    dirs: list[tuple[Path, Path]] = []
+    for p in paths:
+        root = Path(p)
+        for d in find_run_dirs(root):
+            dirs.append((root, d))
+    seen: dict[Path, None] = {}
+    for _, d in dirs:
+        seen.setdefault(d.resolve(), None)
+    uniq = list(seen)
+    ids = _short_ids(uniq)
+    return RunSet(Run.open(d, i) for d, i in zip(uniq, ids, strict=True))
+
+
+def _short_ids(dirs: list[Path]) -> list[str]:
+    """Shortest distinct trailing path parts: ``0``, ``1`` or ``sweepA/0``, ``sweepB/0``."""
+    for n in range(1, 8):
+        ids = ["/".join(d.parts[-n:]) for d in dirs]
+        if len(set(ids)) == len(ids):
+            return ids
+    return [d.as_posix() for d in dirs]
