@@ -222,13 +222,13 @@ def build_probes(mcfg: DictConfig | None, model_layers: list[str], probe_loss, l
     if sm is not None and sm.get("enabled", False):
         scales = tuple(float(s) for s in sm.scales) if sm.get("scales") else None
 
-        def smooth_fn(arm: Arm, batch, step: int):
+        def smooth_fn(arm: Arm, batch, step: int, grads=None, loss=None):
             cur_lr = float(arm.optimizer.param_groups[0]["lr"])
             kw = {"scales": scales} if scales else {}
-            res = M.loss_smoothness(arm.model, probe_loss, batch, cur_lr, **kw)
+            res = M.loss_smoothness(arm.model, probe_loss, batch, cur_lr, grad=grads, loss=loss, **kw)
             return [({f"smooth_{k}": float(v) for k, v in res.items() if np.isscalar(v)}, "")]
 
-        probes.append(Probe("smoothness", Schedule.parse(sm.get("schedule", 100)), smooth_fn))
+        probes.append(Probe("smoothness", Schedule.parse(sm.get("schedule", 100)), smooth_fn, uses_step_grad=True))
     gap = mcfg.get("bn_gap")
     if gap is not None and gap.get("enabled", False):
 

@@ -59,11 +59,16 @@ class Arm:
 
 @dataclass
 class Probe:
-    """An online metric: ``fn(arm, batch, step) -> list[(metrics dict, layer)]`` at a schedule."""
+    """An online metric: ``fn(arm, batch, step, **kw) -> list[(metrics dict, layer)]`` at a schedule.
+
+    Probes run at w_t on the step's batch. With ``uses_step_grad`` the probe runs after the
+    training step's backward (before the optimizer step, from the RNG state the forward saw) and
+    gets ``grads`` (name -> ∇L(w_t)) and ``loss``, saving it a forward/backward."""
 
     name: str
     schedule: Schedule
-    fn: Callable[[Arm, Any, int], list[tuple[dict[str, float], str]]]
+    fn: Callable[..., list[tuple[dict[str, float], str]]]
+    uses_step_grad: bool = False
 
 
 class Checkpointer:
@@ -102,6 +107,18 @@ def set_rng_state(st: dict[str, Any]) -> None:
     version, internal, gauss_next = st["python"]
     random.setstate((int(version), tuple(int(v) for v in internal.tolist()),
                      None if math.isnan(float(gauss_next)) else float(gauss_next)))
+
+
+def _torch_rng() -> tuple:
+    """The torch generators a forward may draw from (CPU and initialized CUDA devices)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_torch_rng(state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
 
 
 def _np_state_to_tensors():
@@ -262,9 +279,12 @@ class Trainer:
         for a in self.arms:
             if not a.active:
                 continue
-            for probe in self.probes:
-                if probe.schedule(self.step):
+            due = [p for p in self.probes if p.schedule(self.step)]
+            for probe in due:
+                if not probe.uses_step_grad:
                     self._run_probe(probe, a, (x, y))
+            late = [p for p in due if p.uses_step_grad]
+            rng_before = _torch_rng() if late else None
             a.model.train()
             a.optimizer.zero_grad(set_to_none=True)
             out = a.model(x)
@@ -276,6 +296,13 @@ class Trainer:
                 self._diverge(a, self.step, f"non-finite training loss {loss.item()}")
                 continue
             loss.backward()
+            if late:
+                rng_after = _torch_rng()
+                _set_torch_rng(rng_before)
+                grads = {n: p.grad for n, p in a.model.named_parameters() if p.requires_grad}
+                for probe in late:
+                    self._run_probe(probe, a, (x, y), grads=grads, loss=float(loss.detach()))
+                _set_torch_rng(rng_after)
             a.optimizer.step()
             if a.scheduler is not None:
                 a.scheduler.step()
@@ -288,10 +315,10 @@ class Trainer:
         if (self.step + 1) % self.log_every == 0:
             self._log_losses()
 
-    def _run_probe(self, probe: Probe, arm: Arm, batch) -> None:
+    def _run_probe(self, probe: Probe, arm: Arm, batch, **kw) -> None:
         ctx = arm.recorder.paused() if arm.recorder is not None else _null()
         with ctx:
-            rows = probe.fn(arm, batch, self.step)
+            rows = probe.fn(arm, batch, self.step, **kw)
         for values, layer in rows:
             self.metrics.log(self.step, arm.name, values, layer=layer)
             if self.on_log is not None:

@@ -79,3 +79,29 @@ def test_cuda_request_without_cuda_is_a_clear_error(tmp_path):
         pytest.skip("CUDA present")
     with pytest.raises(ConfigError, match="device=auto"):
         tiny(tmp_path, "device=cuda", steps=1)
+
+
+def test_online_probes_do_not_change_training(tmp_path):
+    """Gradient ICS, smoothness and BN-gap probes at every 5th step leave the run bit-identical."""
+    arms = "model.arms=[bn,noisy_bn,none]"
+    tiny(tmp_path / "plain", arms, steps=12)
+    tiny(tmp_path / "probed", arms, "metrics=santurkar", "metrics.ics.schedule=5", "metrics.smoothness.schedule=5",
+         "metrics.bn_gap.schedule=5", steps=12)
+    a, b = icsk.load_run(tmp_path / "plain"), icsk.load_run(tmp_path / "probed")
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
+    m = icsk.load_run(tmp_path / "probed", table="metrics")
+    ics = m[m.metric == "ics_cos"]
+    assert sorted(ics.step.unique()) == [0, 5, 10]
+    assert set(ics.layer) == {"block1.linear", "block2.linear", "block3.linear", "head"}
+    first = ics[ics.layer == "block1.linear"].value
+    assert np.allclose(first, 1.0)  # G' = G for the first layer
+    sm = m[m.metric == "smooth_beta"]
+    assert len(sm) == 9 and np.isfinite(sm.value).all()
+    gap = m[m.metric == "bngap_w2"]
+    assert set(gap.arm) == {"bn", "noisy_bn"}
+    plain_m = icsk.load_run(tmp_path / "plain", table="metrics")
+    keep = ["loss", "test_acc"]
+    pd.testing.assert_frame_equal(
+        plain_m[plain_m.metric.isin(keep)].reset_index(drop=True), m[m.metric.isin(keep)].reset_index(drop=True))

@@ -1,0 +1,262 @@
+"""Gradient internal covariate shift (Santurkar et al. 2018), measured online.
+
+For layer i at step t, with the batch fixed:
+    G  = ∇_{W_i} L(W_1^t, ..., W_k^t)
+    G' = ∇_{W_i} L(W_1^{t+1}, ..., W_{i−1}^{t+1}, W_i^t, ..., W_k^t)
+where W^{t+1} is what the *real* optimizer step (its momentum/Adam state, weight decay, hooks)
+would make of the full-loss gradient at w_t. ‖G − G'‖ and cos(G, G') say how much the
+updates of the preceding layers change the gradient the layer sees.
+
+The probes here (and in :mod:`smoothness`, :mod:`bn_gap`) are side-effect free: every forward
+goes through ``torch.func.functional_call`` on detached parameter tensors and *cloned* buffers
+(BN running statistics untouched), ``.grad`` fields are never written, the optimizer is run on
+a private copy, and the torch RNG state (CPU and CUDA) is restored afterwards. Every forward
+of one probe starts from the same RNG state, so dropout/noisy layers draw the same noise in
+G and G' (and the same noise the training forward that follows will draw).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+from torch.func import functional_call
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+# ---------------------------------------------------------------------- shared probe plumbing
+class _RngState:
+    """Snapshot of the torch RNG state (CPU and every initialised CUDA device)."""
+
+    def __init__(self) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+    def restore(self) -> None:
+        """Put the generators back to the snapshot."""
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
+@contextmanager
+def _probe_context(model: nn.Module, train: bool) -> Iterator[_RngState]:
+    """Training mode (if ``train``) and a saved RNG state for the block; both restored on exit."""
+    rng = _RngState()
+    flags = [(m, m.training) for m in model.modules()]
+    if train:
+        model.train()
+    try:
+        yield rng
+    finally:
+        for m, f in flags:
+            m.training = f
+        rng.restore()
+
+
+class _CallModule(nn.Module):
+    """``forward(batch) = fn(model, batch)``, so functional_call can swap the model's tensors
+    while user code (a loss function, a custom forward) calls the model itself."""
+
+    def __init__(self, model: nn.Module, fn: Callable[[nn.Module, Any], Any]):
+        super().__init__()
+        self.model = model
+        object.__setattr__(self, "_fn", fn)  # never registered as a submodule
+
+    def forward(self, batch: Any) -> Any:
+        return self._fn(self.model, batch)
+
+
+def _tensor_slots(model: nn.Module) -> dict[str, str]:
+    """{slot name: canonical name} for every place (module, attribute) holding a parameter or buffer.
+
+    A tensor shared by two modules has two slots (both must be swapped); a module registered
+    under two names has one (swapping it twice would make functional_call restore the swapped
+    tensor, as torch does with ``tie_weights=True`` in that case)."""
+    canon = {id(t): n for n, t in model.named_parameters()}
+    canon.update({id(t): n for n, t in model.named_buffers()})
+    slots: dict[str, str] = {}
+    seen: set[tuple[int, str]] = set()
+    for mname, m in model.named_modules(remove_duplicate=False):
+        for attr, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
+            if (id(m), attr) not in seen:
+                seen.add((id(m), attr))
+                slots[f"{mname}.{attr}" if mname else attr] = canon[id(t)]
+    return slots
+
+
+class _Evaluator:
+    """Evaluates loss_fn at arbitrary parameter values, functionally and reproducibly."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, batch: Any, rng: _RngState):
+        self.wrapper = _CallModule(model, loss_fn)
+        self.batch = batch
+        self.rng = rng
+        self.buffers = dict(model.named_buffers())
+        self.slots = _tensor_slots(model)
+
+    def loss(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """loss_fn at ``params`` (name -> tensor, all of them) with fresh buffer clones, same RNG."""
+        values = {**params, **{n: b.clone() for n, b in self.buffers.items()}}
+        tensors = {f"model.{slot}": values[name] for slot, name in self.slots.items()}
+        self.rng.restore()
+        loss = functional_call(self.wrapper, tensors, (self.batch,), tie_weights=False)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ValueError(f"loss_fn(model, batch) must return a scalar tensor, got {type(loss).__name__}"
+                             + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else ""))
+        return loss.reshape(())
+
+    def grad(self, params: Mapping[str, torch.Tensor], wrt: Sequence[str]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(loss, gradients w.r.t. the names ``wrt``); only those tensors carry autograd, so the
+        backward pass stops at the earliest of them. Unused parameters get zero gradients."""
+        leaves = {n: params[n].detach().requires_grad_(True) for n in wrt}
+        full = {n: (leaves[n] if n in leaves else t.detach()) for n, t in params.items()}
+        with torch.enable_grad():
+            loss = self.loss(full)
+            if not loss.requires_grad:
+                raise ValueError("loss_fn(model, batch) does not depend on the probed parameters")
+            grads = torch.autograd.grad(loss, [leaves[n] for n in wrt], allow_unused=True)
+        out = [torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(wrt, grads, strict=True)]
+        return loss.detach(), out
+
+
+def _trainable(model: nn.Module) -> list[str]:
+    """Names of parameters that require grad."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not names:
+        raise ValueError("the model has no parameter with requires_grad=True")
+    return names
+
+
+def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+    """Σ ⟨a_j, b_j⟩ over two tensor lists (one BLAS dot per tensor, summed in Python floats)."""
+    return sum(float(torch.dot(x.reshape(-1), y.reshape(-1))) for x, y in zip(a, b, strict=True))
+
+
+# ---------------------------------------------------------------------- gradient ICS
+def _layer_params(model: nn.Module, layers: Sequence[str]) -> list[list[str]]:
+    """Full names of the trainable parameters of each layer module (validated, disjoint)."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    canon = {id(p): n for n, p in model.named_parameters()}  # a tied tensor goes by its first name
+    owner: dict[str, str] = {}
+    out = []
+    for layer in layers:
+        if layer not in modules:
+            near = difflib.get_close_matches(layer, list(modules), n=5, cutoff=0.3)
+            raise ValueError(f"layer {layer!r} is not a module of the model; nearest names: {near}")
+        names = [canon[id(p)] for p in modules[layer].parameters() if p.requires_grad]
+        if not names:
+            raise ValueError(f"layer {layer!r} has no trainable parameters")
+        for n in names:
+            if n in owner:
+                raise ValueError(f"layers {owner[n]!r} and {layer!r} share parameter {n!r}; list disjoint modules")
+            owner[n] = layer
+        out.append(names)
+    return out
+
+
+_SHARED_ATTRS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
+                 "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
+                 "_optimizer_load_state_dict_post_hooks")
+
+
+def _params_of(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The optimizer's parameters, each once, in group order."""
+    seen: dict[int, torch.Tensor] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def _would_be_update(optimizer: torch.optim.Optimizer, grads: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """New values {id(param): tensor} that ``optimizer.step()`` would give with ``grads``
+    ({id(param): gradient}) as .grad.
+
+    Runs the optimizer class's own ``step`` on a shadow instance whose parameters are clones and
+    whose state is a copy (so momentum/Adam state, hyper-parameters and step hooks act exactly as
+    in training; hooks with outside side effects see one extra call) and leaves the real
+    optimizer untouched."""
+    clones: dict[int, torch.Tensor] = {}
+    for p in _params_of(optimizer):
+        c = p.detach().clone()
+        c.requires_grad_(p.requires_grad)
+        g = grads.get(id(p))
+        c.grad = None if g is None else g.detach().clone()
+        clones[id(p)] = c
+    memo: dict[int, Any] = dict(clones)  # deep copies map parameters to their clones
+    shadow = object.__new__(type(optimizer))  # no __init__/__setstate__: nothing touches the original
+    for k, v in optimizer.__dict__.items():
+        if k == "step":
+            continue  # an LR scheduler's wrapper, bound to the real optimizer
+        # hooks are shared (they act on the shadow as they would in training); the rest is copied
+        shadow.__dict__[k] = v if k in _SHARED_ATTRS else (
+            None if k in ("state", "param_groups") else copy.deepcopy(v, memo))
+    shadow.param_groups = [
+        {k: ([clones[id(p)] for p in v] if k == "params" else copy.deepcopy(v, memo)) for k, v in group.items()}
+        for group in optimizer.param_groups
+    ]
+    state: defaultdict[torch.Tensor, dict] = defaultdict(dict)
+    for p, st in optimizer.state.items():
+        state[clones.get(id(p), p)] = {
+            k: (v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v, memo)) for k, v in st.items()
+        }
+    shadow.state = state
+    with torch.no_grad():
+        type(optimizer).step(shadow)
+    return {k: c.detach() for k, c in clones.items()}
+
+
+def gradient_ics(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    optimizer: torch.optim.Optimizer,
+    layers: Sequence[str],
+    *,
+    train: bool = True,
+) -> pd.DataFrame:
+    """Santurkar's gradient ICS of each layer: rows ``layer, l2, cos, grad_norm``.
+
+    ``layers``: module names in forward order; W_i = all trainable parameters of module i
+    (weight and bias, flattened together). Parameters outside the listed modules (e.g. BN
+    affine parameters of a ``block{i}.linear`` layer list) stay at w_t in G'; list the enclosing
+    block to move them with their layer. Call at w_t before the training step; model,
+    buffers, ``.grad``, optimizer state and RNG are left exactly as found. ``train``: run the
+    probe forwards in training mode (modes restored afterwards); False keeps the current modes.
+    Closure-based optimizers (LBFGS) are not supported."""
+    per_layer = _layer_params(model, layers)
+    trainable = _trainable(model)
+    named = dict(model.named_parameters())
+    with _probe_context(model, train) as rng:
+        ev = _Evaluator(model, loss_fn, batch, rng)
+        current = {n: p.detach() for n, p in named.items()}
+        _, g_all = ev.grad(current, trainable)
+        g_full = dict(zip(trainable, g_all, strict=True))
+        new_vals = _would_be_update(optimizer, {id(named[n]): g for n, g in g_full.items()})
+        updated = {n: new_vals.get(id(p), current[n]) for n, p in named.items()}
+        rows = []
+        params = dict(current)
+        for i, names in enumerate(per_layer):
+            G = [g_full[n] for n in names]
+            if i == 0:
+                Gp = G  # nothing precedes layer 1: G' is G by definition
+            else:
+                for n in per_layer[i - 1]:
+                    params[n] = updated[n]
+                _, Gp = ev.grad(params, names)
+            gg, pp, gp = _dot(G, G), _dot(Gp, Gp), _dot(G, Gp)
+            diff = [x - y for x, y in zip(G, Gp, strict=True)]
+            l2 = math.sqrt(_dot(diff, diff))
+            cos = max(-1.0, min(1.0, gp / math.sqrt(gg * pp))) if gg > 0 and pp > 0 else float("nan")
+            rows.append((layers[i], l2, cos, math.sqrt(gg)))
+    return pd.DataFrame(rows, columns=["layer", "l2", "cos", "grad_norm"])
