@@ -18,8 +18,13 @@ def _hydra_main(cfg) -> None:
 
 def train_main() -> None:
     """``icsk-train [overrides]``: one training job (or ``-m`` for a sweep) configured by conf/."""
+    import warnings
+
     import hydra
 
+    # our launcher configs spell out the plugins' fields; Hydra 1.3 notes that as deprecated
+    warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema",
+                            category=UserWarning)
     if not (CONF_DIR / "config.yaml").exists():
         sys.exit(f"icsk-train: no Hydra configs at {CONF_DIR}; run it from an icsk checkout (pip install -e .)")
     hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(_hydra_main)()

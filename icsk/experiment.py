@@ -233,7 +233,7 @@ def build_probes(mcfg: DictConfig | None, model_layers: list[str], probe_loss, l
     if gap is not None and gap.get("enabled", False):
 
         def gap_fn(arm: Arm, batch, step: int):
-            if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in arm.model.modules()):
+            if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in arm.model.modules()):
                 return []  # arms without BN have no running statistics to compare
             df = M.bn_gap(arm.model, batch[0])
             return [({"bngap_mean_shift": r.mean_shift, "bngap_var_ratio": r.var_ratio, "bngap_w2": r.w2}, r.layer)

@@ -1,0 +1,154 @@
+"""Every Hydra config of conf/ composes; typos fail with Hydra's message naming the valid choices."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
+
+from icsk.cli import CONF_DIR
+from icsk.config import compose
+
+# conf/hydra/launcher/joblib.yaml shares the plugin's name on purpose; Hydra 1.3 notes that it
+# matches the plugin's schema (see icsk.sweep.quiet_launcher_schema_warning)
+pytestmark = pytest.mark.filterwarnings(r"ignore:\s*'hydra/launcher/\w+' is validated against ConfigStore schema")
+
+GROUPS = ["model", "data", "optim", "recorder", "metrics", "logger"]
+PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+SWEEP_PRESETS = ["lr_sweep", "init_sweep", "batch_sweep"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def compose_full(overrides: list[str]):
+    """Job config with the hydra node (presets set hydra.sweeper.params; launchers live there)."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
+
+
+def test_presets_and_groups_are_found():
+    assert {"demo", "ioffe_mnist", "santurkar_vgg", "santurkar_dln", *SWEEP_PRESETS} <= set(PRESETS)
+    for g in GROUPS:
+        assert options(g), g
+    assert {"joblib", "slurm"} <= set(options("hydra/launcher"))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_composes_and_resolves(preset):
+    full = compose_full([f"experiment={preset}"])
+    assert full.name == preset  # the preset names its run folders and wandb group
+    job = compose([f"experiment={preset}"])
+    plain = OmegaConf.to_container(job, resolve=True)  # exactly what experiment.run saves and logs
+    assert plain["name"] == preset
+    assert plain["logger"]["group"] == preset
+    assert plain["train"]["steps"] > 0
+    # the hydra node (sweep dir, launcher, callbacks) resolves as well
+    assert str(full.hydra.sweep.dir).startswith(f"multirun/{preset}/")
+    assert full.hydra.callbacks.sweep_summary._target_ == "icsk.sweep.SweepSummary"
+
+
+@pytest.mark.parametrize("preset", SWEEP_PRESETS)
+def test_sweep_presets_sweep_existing_keys_with_valid_values(preset):
+    full = compose_full([f"experiment={preset}"])
+    params = full.hydra.sweeper.params
+    assert params, f"{preset} sets no hydra.sweeper.params"
+    for key, values in params.items():
+        choices = [v.strip() for v in str(values).split(",")]
+        assert len(choices) >= 3, (key, values)
+        assert OmegaConf.select(full, key, default="<absent>") != "<absent>", f"{preset} sweeps unknown key {key}"
+        for v in choices:  # every job of the sweep composes and keeps the value's type
+            job = compose([f"experiment={preset}", f"{key}={v}"])
+            assert float(OmegaConf.select(job, key)) == pytest.approx(float(v))
+    # CPU-sized demo: the offline 5k digits and an MLP, at most a few thousand steps
+    job = compose([f"experiment={preset}"])
+    assert job.data.name == "mnist5k" and job.model.name == "mlp"
+    assert 100 <= job.train.steps <= 5000
+
+
+def test_batch_sweep_enables_the_running_statistics_gap():
+    job = compose(["experiment=batch_sweep"])
+    assert job.metrics.bn_gap.enabled and int(job.metrics.bn_gap.schedule) > 0
+    assert "bn" in list(job.model.arms)
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_group_option_composes(group, option):
+    cfg = compose([f"{group}={option}"])
+    OmegaConf.to_container(cfg, resolve=True)
+    yaml_name = OmegaConf.load(CONF_DIR / group / f"{option}.yaml").get("name")
+    if yaml_name is not None:  # the option chosen is the option composed
+        assert cfg[group].name == yaml_name
+
+
+@pytest.mark.parametrize("launcher", ["joblib", "slurm", "submitit_local", "submitit_slurm", "basic"])
+def test_every_launcher_composes(launcher, tmp_path):
+    full = compose_full([f"hydra/launcher={launcher}", f"hydra.sweep.dir={tmp_path}"])
+    params = OmegaConf.to_container(full.hydra.launcher, resolve=True)
+    assert params["_target_"].startswith(("hydra_plugins.", "hydra._internal."))
+    if launcher == "joblib":
+        assert params["n_jobs"] == -1 and params["_target_"].endswith("JoblibLauncher")
+    if launcher == "slurm":
+        assert params["_target_"].endswith("SlurmLauncher")
+        assert params["submitit_folder"] == f"{tmp_path}/.submitit/%j"
+        assert params["partition"] is None and params["timeout_min"] > 0 and params["array_parallelism"] > 0
+
+
+def test_joblib_jobs_from_the_environment(monkeypatch):
+    monkeypatch.setenv("ICSK_N_JOBS", "3")
+    full = compose_full(["hydra/launcher=joblib"])
+    assert full.hydra.launcher.n_jobs == 3
+
+
+def test_a_config_group_typo_lists_the_valid_choices():
+    with pytest.raises(MissingConfigException) as err:
+        compose(["model=mlpp"])
+    msg = str(err.value)
+    assert "Could not find 'model/mlpp'" in msg
+    assert "Available options" in msg
+    for o in options("model"):
+        assert o in msg
+
+
+def test_a_key_typo_names_the_key_and_how_to_add_one():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose(["optim.lrr=1"])
+    msg = str(err.value) + str(err.value.__cause__)
+    assert "Could not override 'optim.lrr'" in msg
+    assert "Key 'lrr' is not in struct" in msg
+    assert "+optim.lrr=1" in msg
+
+
+def test_a_preset_typo_lists_the_presets():
+    with pytest.raises(MissingConfigException) as err:
+        compose(["experiment=lr_swep"])
+    msg = str(err.value)
+    for p in PRESETS:
+        assert p in msg
+
+
+def test_a_launcher_typo_lists_the_launchers():
+    with pytest.raises(MissingConfigException) as err:
+        compose_full(["hydra/launcher=jobllib"])
+    msg = str(err.value)
+    assert "joblib" in msg and "slurm" in msg
+
+
+def test_the_cli_reports_a_typo_and_exits_nonzero(tmp_path):
+    exe = Path(sys.executable).parent / "icsk-train"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "from icsk.cli import train_main; train_main()"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
+    res = subprocess.run([*cmd, "model=mlpp", f"hydra.run.dir={tmp_path}/run"], capture_output=True, text=True,
+                         env=env, timeout=120, cwd=tmp_path)
+    assert res.returncode != 0
+    assert "Could not find 'model/mlpp'" in res.stderr
+    assert "mlp" in res.stderr and "vgg" in res.stderr
+    assert not (tmp_path / "run").exists()
