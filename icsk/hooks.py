@@ -16,6 +16,7 @@ import difflib
 import fnmatch
 import shutil
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -80,6 +81,57 @@ def _no_match_message(sel: Any, names: list[str]) -> str:
     return f"layer selector {kind} matches no module of the model; module names start with: {names[:8]}"
 
 
+def _one_thread() -> None:
+    torch.get_num_threads()  # initializes this thread's count first (else the next op resets it)
+    torch.set_num_threads(1)
+
+
+def _single_threaded_pool(name: str) -> ThreadPoolExecutor:
+    """A one-worker pool whose torch ops run single-threaded.
+
+    A second OpenMP team (the worker's) next to the training thread's would spin on the same
+    cores and slow every training step down (2.5x measured on 2 cores). torch keeps the thread
+    count per OS thread once a thread has initialized it, so the worker sets 1 for itself and
+    the process-wide default is put back afterwards."""
+    threads = torch.get_num_threads()
+    pool = ThreadPoolExecutor(1, thread_name_prefix=name, initializer=_one_thread)
+    pool.submit(lambda: None).result()  # start the worker now
+    torch.set_num_threads(threads)
+    return pool
+
+
+def _chunk_table(batches: list) -> pa.Table:
+    """One parquet chunk from (layer, mode, steps, counts, results) batches; results may be
+    futures of the reducer thread and device tensors (moved to the host here, once)."""
+    cols: dict[str, list] = {"step": [], "mode": [], "layer": [], "stat": [], "values": []}
+
+    def add(steps: np.ndarray, mode: str, layer: str, stat: str, arr: np.ndarray) -> None:
+        cols["step"].append(steps)
+        for key, val in (("mode", mode), ("layer", layer), ("stat", stat)):
+            cols[key].append(np.full(len(steps), val, dtype=object))
+        cols["values"].append(arr)
+
+    for layer, mode, steps, counts, results in batches:
+        steps = np.asarray(steps, dtype=np.int64)
+        results = [r.result() if isinstance(r, Future) else r for r in results]
+        for stat in results[0]:
+            arr = torch.cat([r[stat] for r in results]).cpu().numpy().astype(np.float32, copy=False)
+            add(steps, mode, layer, stat, arr.reshape(len(steps), -1))
+        add(steps, mode, layer, "count", np.asarray(counts, dtype=np.float32).reshape(-1, 1))
+    widths = np.concatenate([np.full(a.shape[0], a.shape[1], dtype=np.int32) for a in cols["values"]])
+    offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int32)
+    flat = np.concatenate([a.reshape(-1) for a in cols["values"]])
+    return pa.table(
+        {
+            "step": pa.array(np.concatenate(cols["step"])),
+            "mode": pa.array(np.concatenate(cols["mode"]), pa.string()),
+            "layer": pa.array(np.concatenate(cols["layer"]), pa.string()),
+            "stat": pa.array(np.concatenate(cols["stat"]), pa.string()),
+            "values": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)),
+        }
+    )
+
+
 class _LayerState:
     """Per (layer, mode): staging buffer or direct reduction, plus results awaiting flush."""
 
@@ -88,8 +140,11 @@ class _LayerState:
         self.units: int | None = None
         self.edges: tuple[float, float] | None = None
         self.last_step = -1
-        self.stage: torch.Tensor | None = None  # [K, 1, C, M] float32
-        self.slots: list[torch.Tensor] | None = None  # per staged step: a units-first view of stage
+        self.buffers: list[tuple[torch.Tensor, list[torch.Tensor]]] = []  # two (stage, slots) pairs
+        self.active = 0  # which of the buffers fills now
+        self.pending: list[Future | None] = [None, None]  # reduction running on each buffer
+        self.stage: torch.Tensor | None = None  # [K, N, C, S] float32
+        self.slots: list[torch.Tensor] | None = None  # per staged step: a view of stage shaped like the activation
         self.shape: torch.Size | None = None  # activation shape and device the slots were made for
         self.device: torch.device | None = None
         self.stage_steps: list[int] = []
@@ -186,7 +241,9 @@ class Recorder:
         self.path = Path(path)
         self.stats_dir = self.path / "stats"
         self._writer = ChunkWriter(self.stats_dir, background=True)
-        self._reducer = Reducer(self.spec)
+        self._reducer = Reducer(self.spec)  # large layers, inside the hook
+        self._stage_reducer = Reducer(self.spec)  # staged layers, on the reducer thread
+        self._reduce_pool = _single_threaded_pool("icsk-reduce")
         self._states: dict[tuple[str, str], _LayerState] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._entered = False
@@ -293,9 +350,10 @@ class Recorder:
         x = (value if type(value) is torch.Tensor else self._tensor_of(name, module, value)).detach()
         slots = state.slots
         if slots is not None and x.shape == state.shape and x.device == state.device:
-            # fast path: one copy into the staging slot of this step (units first)
+            # fast path: one contiguous copy into the staging slot of this step
             state.last_step = self.current_step
-            slots[len(state.stage_steps)].copy_(x.movedim(self._cd(x), 0))
+            cd = self._cd(x)
+            slots[len(state.stage_steps)].copy_(x if cd == 1 else x.movedim(cd, 1))
             state.stage_steps.append(self.current_step)
             if len(state.stage_steps) == len(slots):
                 self._reduce_stage(state)
@@ -328,11 +386,16 @@ class Recorder:
             state.counts.append(m)
             return
         k = max(2, min(self.max_stage_steps, self.stage_bytes // (c * m * 4)))
-        state.stage = torch.empty(k, 1, c, m, dtype=torch.float32, device=x.device)
-        units_first = x.movedim(cd, 0).shape
-        state.slots = [state.stage[i, 0].view(units_first) for i in range(k)]
+        # the activation's own layout [N, C, S...], so staging is a plain copy (a transposing
+        # copy costs ~4x); the reduction transposes the whole stage at once when it needs to
+        state.buffers = []
+        for _ in range(2):  # double buffer: one fills while the other is reduced
+            stage = torch.empty(k, n, c, m // n, dtype=torch.float32, device=x.device)
+            state.buffers.append((stage, [stage[i].view(xc.shape) for i in range(k)]))
+        state.active, state.pending = 0, [None, None]
+        state.stage, state.slots = state.buffers[0]
         state.shape, state.device = x.shape, x.device
-        state.slots[0].copy_(x.movedim(cd, 0))
+        state.slots[0].copy_(xc)
         state.stage_steps.append(self.current_step)
 
     def _hist_edges(self, x4: torch.Tensor) -> tuple[float, float]:
@@ -354,15 +417,26 @@ class Recorder:
             state.edges = (float(e[0]), float(e[1]))
 
     def _reduce_stage(self, state: _LayerState) -> None:
+        """Hand the filled staging buffer to the reducer thread and switch to the other one.
+
+        The reduction (sorting for quantiles, mostly) then overlaps the next training steps;
+        a buffer is refilled only after its previous reduction has finished."""
         k = len(state.stage_steps)
         if k == 0:
             return
         st = state.stage
-        res = self._reducer.reduce_staged(st[:k], state.edges)
-        state.results.append(res)
+        fut = self._reduce_pool.submit(self._stage_reducer.reduce_staged, st[:k], state.edges)
+        state.results.append(fut)
         state.steps.extend(state.stage_steps)
-        state.counts.extend([st.shape[3]] * k)
+        state.counts.extend([st.shape[1] * st.shape[3]] * k)
         state.stage_steps = []
+        state.pending[state.active] = fut
+        other = 1 - state.active
+        if state.pending[other] is not None:
+            state.pending[other].result()
+            state.pending[other] = None
+        state.active = other
+        state.stage, state.slots = state.buffers[other]
 
     # ------------------------------------------------------------------ steps and flushing
     def step(self) -> None:
@@ -382,57 +456,31 @@ class Recorder:
             self._writer.wait()
 
     def _flush(self) -> None:
-        rows_step, rows_mode, rows_layer, rows_stat, rows_vals = [], [], [], [], []
+        """Hand every pending result to the writer thread, which waits for the reductions,
+        builds the chunk and writes it: the training thread never blocks here."""
+        batches = []
         for state in self._states.values():
             self._reduce_stage(state)
-            if not state.results:
-                continue
-            steps = np.asarray(state.steps, dtype=np.int64)
-            names = list(state.results[0])
-            for stat in names:
-                arr = torch.cat([r[stat] for r in state.results]).cpu().numpy().astype(np.float32, copy=False)
-                arr = arr.reshape(len(steps), -1)
-                rows_step.append(steps)
-                rows_mode.append(np.full(len(steps), state.mode, dtype=object))
-                rows_layer.append(np.full(len(steps), state.layer, dtype=object))
-                rows_stat.append(np.full(len(steps), stat, dtype=object))
-                rows_vals.append(arr)
-            rows_step.append(steps)
-            rows_mode.append(np.full(len(steps), state.mode, dtype=object))
-            rows_layer.append(np.full(len(steps), state.layer, dtype=object))
-            rows_stat.append(np.full(len(steps), "count", dtype=object))
-            rows_vals.append(np.asarray(state.counts, dtype=np.float32).reshape(-1, 1))
-            state.results, state.steps, state.counts = [], [], []
+            if state.results:
+                batches.append((state.layer, state.mode, state.steps, state.counts, state.results))
+                state.results, state.steps, state.counts = [], [], []
         self._pending_steps = 0
-        if not rows_step:
-            return
-        self._write_meta()
-        offsets, flat = [0], []
-        for a in rows_vals:
-            flat.append(a.reshape(-1))
-            width = a.shape[1]
-            offsets.extend(offsets[-1] + width * np.arange(1, a.shape[0] + 1))
-        values = pa.ListArray.from_arrays(pa.array(np.asarray(offsets, dtype=np.int32)), pa.array(np.concatenate(flat)))
-        table = pa.table(
-            {
-                "step": pa.array(np.concatenate(rows_step)),
-                "mode": pa.array(np.concatenate(rows_mode), pa.string()),
-                "layer": pa.array(np.concatenate(rows_layer), pa.string()),
-                "stat": pa.array(np.concatenate(rows_stat), pa.string()),
-                "values": values,
-            }
-        )
-        self._writer.write(table)
+        if batches:
+            meta = self._meta()
+            self._writer.write(lambda: _chunk_table(batches), before=lambda: self._save_meta(meta))
 
-    def _write_meta(self) -> None:
+    def _save_meta(self, meta: dict) -> None:
+        write_json_atomic(self.stats_dir / "recorder.json", meta)
+
+    def _meta(self) -> dict:
+        """What a reader needs besides the chunks: layers, units, statistics, histogram edges."""
         layers = {}
         for (layer, _mode), st in self._states.items():
             info = layers.setdefault(layer, {"units": st.units})
             if st.edges is not None:
                 lo, hi = st.edges
                 info["hist_edges"] = np.linspace(lo, hi, self.spec.hist_bins + 1).tolist()
-        write_json_atomic(
-            self.stats_dir / "recorder.json",
+        return (
             {
                 "layers": layers,
                 "capture": self.capture,
@@ -443,7 +491,7 @@ class Recorder:
                 "sat_threshold": self.spec.sat_threshold,
                 "zero_eps": self.spec.zero_eps,
                 "schedule": repr(self.schedule),
-            },
+            }
         )
 
     # ------------------------------------------------------------------ reading back

@@ -61,6 +61,12 @@ class StatSpec:
         return out
 
 
+def _unit_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of ``[K, N, C, S]`` over N and S, as ``[K, C]``: over the contiguous S first, which
+    is ~3x faster than one reduction over both dims."""
+    return x.sum(3).sum(1)
+
+
 class Reducer:
     """Computes a StatSpec's statistics of ``[K, N, C, S]`` views; owns reusable scratch memory."""
 
@@ -98,20 +104,18 @@ class Reducer:
             x, sortable = xf, True
         K, N, C, S = x.shape
         m = N * S
-        # reduce over the non-trivial of (N, S) only: torch's reductions over a size-1 dim
-        # take a slow path (~100x on a [64, 1, 100, 60] view)
-        dims = tuple(d for d in (1, 3) if x.shape[d] != 1) or (3,)
         out: dict[str, torch.Tensor] = {}
         need_t = any(s in stats for s in ("var", "frac_sat", "frac_zero", "nonfinite", "hist"))
         t = self._buf("t", tuple(x.shape), torch.float32, x.device) if need_t else None
         if "mean" in stats or "var" in stats:
-            mean = x.sum(dims).div_(m).view(K, C)
+            mean = _unit_sum(x).div_(m)
             if "mean" in stats:
                 out["mean"] = mean
             if "var" in stats:
-                torch.sub(x, mean[:, None, :, None], out=t)
+                torch.sub(x, mean[:, None, :, None], out=t)  # two-pass: no cancellation
                 t.mul_(t)
-                out["var"] = t.sum(dims).div_(m - 1).view(K, C) if m > 1 else torch.full_like(mean, float("nan"))
+                out["var"] = _unit_sum(t).div_(m - 1) if m > 1 else torch.full_like(mean, float("nan"))
+        dims = tuple(d for d in (1, 3) if x.shape[d] != 1) or (3,)
         if "min" in stats:
             out["min"] = x.amin(dims).view(K, C)
         if "max" in stats:
@@ -144,8 +148,10 @@ class Reducer:
         B = self.spec.hist_bins
         lo, hi = edges
         scale = B / (hi - lo)
-        torch.sub(x, lo, out=t)
-        t.mul_(scale).floor_().add_(1.0).clamp_(0.0, B + 1.0).nan_to_num_(nan=B + 2.0)
+        # shifting the origin one bin down makes every bin index >= 0 after clamping, so the
+        # integer conversion (truncation) is the floor and no separate floor pass is needed
+        torch.sub(x, lo - 1.0 / scale, out=t)
+        t.mul_(scale).clamp_(0.0, B + 1.0).nan_to_num_(nan=B + 2.0)
         codes = self._buf("codes", tuple(x.shape), torch.int32, x.device)
         codes.copy_(t)
         key = (K, C, B, x.device)

@@ -20,7 +20,7 @@ import json
 import os
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,15 +78,18 @@ class ChunkWriter:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="icsk-writer") if background else None
         self._pending: Future | None = None
 
-    def write(self, table: pa.Table) -> Path:
-        """Write one chunk (or queue it, in background mode); returns its final path."""
+    def write(self, table: pa.Table | Callable[[], pa.Table], before: Callable[[], None] | None = None) -> Path:
+        """Write one chunk (or queue it, in background mode); returns its final path.
+
+        ``table`` may be a function that builds the table (run on the writer thread), and
+        ``before`` a function run just before writing (e.g. a sidecar the chunk relies on)."""
         path = self.folder / f"chunk-{self._next:06d}.parquet"
         self._next += 1
         if self._pool is None:
-            _write_chunk(table, path)
+            _write_chunk(table, path, before)
         else:
             self.wait()
-            self._pending = self._pool.submit(_write_chunk, table, path)
+            self._pending = self._pool.submit(_write_chunk, table, path, before)
         return path
 
     def wait(self) -> None:
@@ -96,7 +99,11 @@ class ChunkWriter:
             pending.result()
 
 
-def _write_chunk(table: pa.Table, path: Path) -> None:
+def _write_chunk(table: pa.Table | Callable[[], pa.Table], path: Path, before: Callable[[], None] | None) -> None:
+    if callable(table):
+        table = table()
+    if before is not None:
+        before()
     tmp = path.with_name(f".{path.name}.tmp")
     strings = [f.name for f in table.schema if pa.types.is_string(f.type)]
     # dictionary-encoding the float lists costs ~4x the write; only the id columns gain from it

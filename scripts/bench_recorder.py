@@ -206,20 +206,25 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--memory-steps", type=int, default=100_000, help="MLP steps for the memory check (0 skips)")
+    ap.add_argument("--only", choices=["mlp", "vgg"], default=None, help="run one setting only (no --write)")
     ap.add_argument("--write", type=Path, default=None, help="replace the '## Recorder overhead' section of this markdown file")
     args = ap.parse_args()
     torch.manual_seed(0)
     reps = args.repeats or (3 if args.quick else 9)
     rows = []
+    if args.only:
+        args.write, args.memory_steps = None, 0
     m = mlp()
-    res = measure("mlp", m, torch.randn(60, 784), torch.randint(0, 10, (60,)), ["1", "3", "5"],
+    res = None if args.only == "vgg" else measure("mlp", m, torch.randn(60, 784), torch.randint(0, 10, (60,)), ["1", "3", "5"],
                   ("mean", "var", "quantiles"), steps_per_block=128 if args.quick else 512, repeats=reps)
-    rows.append(("Ioffe MLP 784-100x3-10, batch 60: mean/var/q.15/.5/.85 of 3 sigmoid layers, every step", res, 1.15))
+    if res is not None:
+        rows.append(("Ioffe MLP 784-100x3-10, batch 60: mean/var/q.15/.5/.85 of 3 sigmoid layers, every step", res, 1.15))
     v = vgg_small()
     convs = [n for n, mod in v.named_modules() if isinstance(mod, nn.Conv2d)]
-    res = measure("vgg", v, torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,)), convs,
+    res = None if args.only == "mlp" else measure("vgg", v, torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,)), convs,
                   ("mean", "var", "hist"), steps_per_block=2 if args.quick else 3, repeats=max(3, reps // 2))
-    rows.append(("VGG-small 32x32, batch 128: mean/var + 32-bin histogram of 4 conv layers, every step", res, 1.05))
+    if res is not None:
+        rows.append(("VGG-small 32x32, batch 128: mean/var + 32-bin histogram of 4 conv layers, every step", res, 1.05))
     lines = ["| setting | plain step | icsk | naive-numpy | torch-simple | fastai-item | target (icsk) |",
              "|---|---|---|---|---|---|---|"]
     for title, r, target in rows:
