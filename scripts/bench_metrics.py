@@ -25,6 +25,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmd import write_section  # noqa: E402
 from icsk.metrics import DEFAULT_SCALES, gradient_ics, loss_smoothness  # noqa: E402
 
 VGG_CHANNELS = (64, "M", 128, "M", 256, 256, "M")
@@ -164,19 +165,6 @@ def table(rows: list[dict]) -> str:
             f"{r['L']} ({ok_i}) | {r['sm_ms']:.1f} | {r['sm_ratio']:.2f} | {r['k']} ({ok_s}) |"
         )
     return "\n".join(lines)
-
-
-def write_section(path: Path, heading: str, section: str) -> None:
-    """Replace (or append) the markdown section starting at ``heading`` in ``path``."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find(heading + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(heading))
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 def main() -> None:

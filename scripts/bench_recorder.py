@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 import icsk
+from benchmd import write_section
 
 QS = (0.15, 0.5, 0.85)
 
@@ -249,19 +250,6 @@ def main() -> None:
                    f"{torch.get_num_threads()} threads, torch {torch.__version__}; medians of {reps} interleaved repeats "
                    f"after a warm-up block. Ratio = step time with hooks / plain step time.\n\n{table}\n")
         write_section(args.write, "## Recorder overhead", section)
-
-
-def write_section(path: Path, heading: str, section: str) -> None:
-    """Replace (or append) the markdown section starting at ``heading`` in ``path``."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    start = text.find(heading)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(heading))
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 if __name__ == "__main__":

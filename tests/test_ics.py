@@ -18,13 +18,7 @@ from icsk.metrics import bn_gap, gradient_ics, loss_smoothness
 LAYERS = ["0", "4", "7"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread (OpenMP sync dominates on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def bn_net(dtype=torch.float64, seed: int = 0) -> nn.Sequential:

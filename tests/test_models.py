@@ -13,13 +13,7 @@ from torch.testing import assert_close
 from icsk.models import (DLN, MLP, VGG, LpNorm, NoisyBatchNorm1d, Tap, build_model, make_norm, make_pair)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread avoids OpenMP spin-wait slowdowns on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 ARMS = ("none", "bn", "noisy_bn", "ln", "gn", "lp")

@@ -14,13 +14,7 @@ from torch.testing import assert_close
 from icsk.metrics import DEFAULT_SCALES, loss_smoothness
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread (OpenMP sync dominates on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Quadratic(nn.Module):
