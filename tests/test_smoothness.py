@@ -180,6 +180,6 @@ def test_reusing_the_training_gradient_gives_the_same_result():
     loss = lf(model, batch)
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
-    reused = loss_smoothness(model, lf, batch, 0.1, grad=grads, loss=float(loss))
+    reused = loss_smoothness(model, lf, batch, 0.1, grad=grads, loss=loss.item())
     for k in ("loss", "loss_min", "loss_max", "grad_change_min", "grad_change_max", "beta", "grad_norm"):
         assert reused[k] == pytest.approx(full[k], rel=1e-6, abs=1e-9), k
