@@ -15,7 +15,6 @@ histograms). Speed notes, measured on a 2-core CPU (see reports/benchmarks.md):
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,7 +79,6 @@ class Reducer:
         self.spec = spec
         self._scratch: dict[tuple, torch.Tensor] = {}
         self._offsets: dict[tuple, torch.Tensor] = {}
-        self._pool: ThreadPoolExecutor | None = None
 
     def _buf(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A contiguous scratch tensor of ``shape``; grown, never shrunk, reused across calls."""
@@ -113,7 +111,8 @@ class Reducer:
         out: dict[str, torch.Tensor] = {}
         need_t = any(s in stats for s in ("var", "frac_sat", "frac_zero", "nonfinite", "hist"))
         t = self._buf("t", tuple(x.shape), torch.float32, x.device) if need_t else None
-        if "mean" in stats or "var" in stats:
+        mean_known = "mean" in stats or "var" in stats
+        if mean_known:
             mean = _unit_sum(x).div_(m)
             if "mean" in stats:
                 out["mean"] = mean
@@ -140,16 +139,20 @@ class Reducer:
         if "hist" in stats:
             if edges is None:
                 raise ValueError("histogram requested without a range")
-            out["hist"] = self._histogram(x, t, edges)
+            # on the CPU a finite per-unit sum proves the batch NaN-free (NaN and inf propagate)
+            maybe_nan = not (x.device.type == "cpu" and mean_known and bool(torch.isfinite(mean).all()))
+            out["hist"] = self._histogram(x, t, edges, maybe_nan)
         if "quantiles" in stats:
             for q, v in zip(spec.quantiles, self._quantiles(x, sortable), strict=True):
                 out[quantile_name(q)] = v
         return out
 
-    def _histogram(self, x: torch.Tensor, t: torch.Tensor, edges: tuple[float, float]) -> torch.Tensor:
+    def _histogram(self, x: torch.Tensor, t: torch.Tensor, edges: tuple[float, float],
+                   maybe_nan: bool = True) -> torch.Tensor:
         """Per-unit counts in B equal bins over [lo, hi) plus an underflow (first) and an
         overflow (last) bin: ``[K, C, B+2]``. Bin of v: floor((v - lo) * B / (hi - lo)) + 1,
-        clamped to [0, B+1]; NaN is dropped (it is counted by 'nonfinite')."""
+        clamped to [0, B+1]; NaN is dropped (it is counted by 'nonfinite'). ``maybe_nan=False``
+        (known NaN-free input) skips the pass that sets NaN aside."""
         K, N, C, S = x.shape
         B = self.spec.hist_bins
         lo, hi = edges
@@ -157,7 +160,9 @@ class Reducer:
         # shifting the origin one bin down makes every bin index >= 0 after clamping, so the
         # integer conversion (truncation) is the floor and no separate floor pass is needed
         torch.sub(x, lo - 1.0 / scale, out=t)
-        t.mul_(scale).clamp_(0.0, B + 1.0).nan_to_num_(nan=B + 2.0)
+        t.mul_(scale).clamp_(0.0, B + 1.0)
+        if maybe_nan:
+            t.nan_to_num_(nan=B + 2.0)
         codes = self._buf("codes", tuple(x.shape), torch.int32, x.device)
         codes.copy_(t)
         key = (K, C, B, x.device)
@@ -166,22 +171,8 @@ class Reducer:
             off = (torch.arange(K * C, dtype=torch.int32, device=x.device) * (B + 3)).view(K, 1, C, 1)
             self._offsets[key] = off
         codes.add_(off)
-        counts = self._bincount(codes.view(-1), K * C * (B + 3))
+        counts = torch.bincount(codes.view(-1), minlength=K * C * (B + 3))
         return counts.view(K, C, B + 3)[..., : B + 2].to(torch.float32)
-
-    def _bincount(self, codes: torch.Tensor, length: int) -> torch.Tensor:
-        """torch.bincount, split over threads on the CPU (it runs on one core there)."""
-        threads = torch.get_num_threads()
-        if codes.device.type != "cpu" or threads < 2 or codes.numel() < (1 << 20):
-            return torch.bincount(codes, minlength=length)
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="icsk-bincount")
-        parts = codes.chunk(threads)
-        futures = [self._pool.submit(torch.bincount, p, None, length) for p in parts]
-        total = futures[0].result()
-        for f in futures[1:]:
-            total += f.result()
-        return total
 
     def _quantiles(self, x: torch.Tensor, sortable: bool) -> list[torch.Tensor]:
         """Exact per-unit quantiles with linear interpolation (NumPy's default method)."""
