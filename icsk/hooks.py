@@ -140,17 +140,25 @@ class _LayerState:
         self.units: int | None = None
         self.edges: tuple[float, float] | None = None
         self.last_step = -1
-        self.buffers: list[tuple[torch.Tensor, list[torch.Tensor]]] = []  # two (stage, slots) pairs
+        # staging: two (stage [K, N, C, S] float32, per-step views shaped like the activation)
+        # pairs; empty when the layer is reduced inside the hook
+        self.buffers: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
         self.active = 0  # which of the buffers fills now
         self.pending: list[Future | None] = [None, None]  # reduction running on each buffer
-        self.stage: torch.Tensor | None = None  # [K, N, C, S] float32
-        self.slots: list[torch.Tensor] | None = None  # per staged step: a view of stage shaped like the activation
         self.shape: torch.Size | None = None  # activation shape and device the slots were made for
         self.device: torch.device | None = None
         self.stage_steps: list[int] = []
         self.steps: list[int] = []  # steps of the pending results
         self.counts: list[int] = []  # values per unit at each pending step
         self.results: list[dict[str, torch.Tensor]] = []  # each stat [k, C] on device
+
+    @property
+    def stage(self) -> torch.Tensor:
+        return self.buffers[self.active][0]
+
+    @property
+    def slots(self) -> list[torch.Tensor] | None:
+        return self.buffers[self.active][1] if self.buffers else None
 
 
 class Recorder:
@@ -352,22 +360,22 @@ class Recorder:
         if slots is not None and x.shape == state.shape and x.device == state.device:
             # fast path: one contiguous copy into the staging slot of this step
             state.last_step = self.current_step
-            cd = self._cd(x)
-            slots[len(state.stage_steps)].copy_(x if cd == 1 else x.movedim(cd, 1))
+            slots[len(state.stage_steps)].copy_(self._units_at_1(x))
             state.stage_steps.append(self.current_step)
             if len(state.stage_steps) == len(slots):
                 self._reduce_stage(state)
             return
         self._capture_slow(state, name, module, x)
 
-    def _cd(self, x: torch.Tensor) -> int:
-        return self.channel_dim % x.dim()
+    def _units_at_1(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with its unit axis (``channel_dim``) moved to dim 1: (N, C, ...)."""
+        cd = self.channel_dim % x.dim()
+        return x if cd == 1 else x.movedim(cd, 1)
 
     def _capture_slow(self, state: _LayerState, name: str, module: nn.Module, x: torch.Tensor) -> None:
         """First capture of a layer, a changed shape or device, or a layer too large to stage."""
         x = self._tensor_of(name, module, x)
-        cd = self._cd(x)
-        xc = x.movedim(cd, 1) if cd != 1 else x
+        xc = self._units_at_1(x)
         n, c = xc.shape[0], xc.shape[1]
         x4 = xc.reshape(1, n, c, -1)
         if state.units is None:
@@ -378,7 +386,7 @@ class Recorder:
             raise RecorderError(f"layer {name!r} changed from {state.units} to {c} units between steps")
         state.last_step = self.current_step
         self._reduce_stage(state)  # shape or device changed: reduce what is staged first
-        state.slots = None
+        state.buffers = []
         m = x4.shape[1] * x4.shape[3]
         if 2 * c * m * 4 > self.stage_bytes or self.max_stage_steps < 2:
             state.results.append(self._reducer(x4, state.edges))  # reduce now, inside the hook
@@ -388,12 +396,10 @@ class Recorder:
         k = max(2, min(self.max_stage_steps, self.stage_bytes // (c * m * 4)))
         # the activation's own layout [N, C, S...], so staging is a plain copy (a transposing
         # copy costs ~4x); the reduction transposes the whole stage at once when it needs to
-        state.buffers = []
         for _ in range(2):  # double buffer: one fills while the other is reduced
             stage = torch.empty(k, n, c, m // n, dtype=torch.float32, device=x.device)
             state.buffers.append((stage, [stage[i].view(xc.shape) for i in range(k)]))
         state.active, state.pending = 0, [None, None]
-        state.stage, state.slots = state.buffers[0]
         state.shape, state.device = x.shape, x.device
         state.slots[0].copy_(xc)
         state.stage_steps.append(self.current_step)
@@ -436,7 +442,6 @@ class Recorder:
             state.pending[other].result()
             state.pending[other] = None
         state.active = other
-        state.stage, state.slots = state.buffers[other]
 
     # ------------------------------------------------------------------ steps and flushing
     def step(self) -> None:

@@ -40,7 +40,9 @@ STATS_SCHEMA = pa.schema(
         ("values", pa.list_(pa.float32())),
     ]
 )
-METRICS_COLUMNS = ("step", "arm", "metric", "layer", "value")
+METRICS_COLUMNS = {"step": "int64", "arm": "object", "metric": "object", "layer": "object", "value": "float64"}
+LONG_COLUMNS = {"step": "int64", "layer": "category", "stat": "category", "unit": "int64", "value": "float32"}
+LAYER_STATS = frozenset({"count"})  # statistics of a whole layer: unit = -1
 
 
 class RunFolderError(RuntimeError):
@@ -165,9 +167,8 @@ def stats_filters(
 
 def explode_stats(table: pa.Table | None, keep_mode: bool = False) -> pd.DataFrame:
     """Long frame ``step, layer, stat, unit, value`` (+ ``mode``) from stored list rows."""
-    cols = ["step", "layer", "stat", "unit", "value"] + (["mode"] if keep_mode else [])
     if table is None or table.num_rows == 0:
-        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(cols, _LONG_DTYPES(keep_mode), strict=True)})
+        return _empty_frame({**LONG_COLUMNS, **({"mode": "category"} if keep_mode else {})})
     values = table.column("values").combine_chunks()
     lengths = np.asarray(values.value_lengths().to_numpy(zero_copy_only=False), dtype=np.int64)
     flat = np.asarray(values.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
@@ -188,11 +189,11 @@ def explode_stats(table: pa.Table | None, keep_mode: bool = False) -> pd.DataFra
     return pd.DataFrame(data)
 
 
-LAYER_STATS = frozenset({"count"})  # statistics of a whole layer: unit = -1
 
 
-def _LONG_DTYPES(keep_mode: bool) -> list[str]:
-    return ["int64", "category", "category", "int64", "float32"] + (["category"] if keep_mode else [])
+def _empty_frame(columns: dict[str, str]) -> pd.DataFrame:
+    """A frame with no rows but the right columns and dtypes."""
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in columns.items()})
 
 
 def read_stats(
@@ -341,5 +342,5 @@ def read_metrics(run_dir: str | os.PathLike) -> pd.DataFrame:
     """Training metrics of a run folder: ``step, arm, metric, layer, value``."""
     table = read_chunks(Path(run_dir) / "metrics")
     if table is None:
-        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(METRICS_COLUMNS, ["int64", "object", "object", "object", "float64"], strict=True)})
+        return _empty_frame(METRICS_COLUMNS)
     return table.to_pandas()

@@ -16,6 +16,7 @@ import os
 import random
 import signal
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from .hooks import Recorder
+from .metrics.ics import RngSnapshot
 from .schedule import Schedule
 from .store import MetricsWriter, chunk_files
 
@@ -50,6 +52,10 @@ class Arm:
     @property
     def active(self) -> bool:
         return self.status == "running"
+
+    def paused(self):
+        """Context in which this arm's forwards are not recorded (probes, evaluation)."""
+        return self.recorder.paused() if self.recorder is not None else nullcontext()
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready status of this arm for run.json."""
@@ -107,18 +113,6 @@ def set_rng_state(st: dict[str, Any]) -> None:
     version, internal, gauss_next = st["python"]
     random.setstate((int(version), tuple(int(v) for v in internal.tolist()),
                      None if math.isnan(float(gauss_next)) else float(gauss_next)))
-
-
-def _torch_rng() -> tuple:
-    """The torch generators a forward may draw from (CPU and initialized CUDA devices)."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_torch_rng(state: tuple) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state_all(state[1])
 
 
 def _np_state_to_tensors():
@@ -284,7 +278,7 @@ class Trainer:
                 if not probe.uses_step_grad:
                     self._run_probe(probe, a, (x, y))
             late = [p for p in due if p.uses_step_grad]
-            rng_before = _torch_rng() if late else None
+            rng_before = RngSnapshot() if late else None
             a.model.train()
             a.optimizer.zero_grad(set_to_none=True)
             out = a.model(x)
@@ -292,17 +286,17 @@ class Trainer:
             if self._eager_checks and not math.isfinite(loss.item()):  # no device sync on the CPU
                 if a.recorder is not None:
                     a.recorder.step()  # keep the statistics of the forward that went non-finite
-                self._log_losses_of(a)
+                self._flush_losses(a)
                 self._diverge(a, self.step, f"non-finite training loss {loss.item()}")
                 continue
             loss.backward()
             if late:
-                rng_after = _torch_rng()
-                _set_torch_rng(rng_before)
+                rng_after = RngSnapshot()
+                rng_before.restore()  # the probes see the RNG state the forward saw
                 grads = {n: p.grad for n, p in a.model.named_parameters() if p.requires_grad}
                 for probe in late:
                     self._run_probe(probe, a, (x, y), grads=grads, loss=float(loss.detach()))
-                _set_torch_rng(rng_after)
+                rng_after.restore()
             a.optimizer.step()
             if a.scheduler is not None:
                 a.scheduler.step()
@@ -316,26 +310,28 @@ class Trainer:
             self._log_losses()
 
     def _run_probe(self, probe: Probe, arm: Arm, batch, **kw) -> None:
-        ctx = arm.recorder.paused() if arm.recorder is not None else _null()
-        with ctx:
+        with arm.paused():
             rows = probe.fn(arm, batch, self.step, **kw)
         for values, layer in rows:
-            self.metrics.log(self.step, arm.name, values, layer=layer)
-            if self.on_log is not None:
-                self.on_log(self.step, arm.name, {f"{k}/{layer}" if layer else k: v for k, v in values.items()})
+            self._emit(self.step, arm, values, layer)
+
+    def _emit(self, step: int, arm: Arm, values: dict[str, float], layer: str = "") -> None:
+        """Write metrics to the run folder and mirror them to the logger (``metric/layer``)."""
+        self.metrics.log(step, arm.name, values, layer=layer)
+        if self.on_log is not None:
+            self.on_log(step, arm.name, {f"{k}/{layer}" if layer else k: v for k, v in values.items()})
 
     def _log_losses(self) -> None:
         """Move the buffered losses to the host in one transfer; detect divergence."""
         for a in self.arms:
-            self._log_losses_of(a)
+            self._flush_losses(a)
         if self.progress is not None and hasattr(self.progress, "set_postfix"):
             self.progress.set_postfix({a.name: a.status if not a.active else "ok" for a in self.arms}, refresh=False)
 
-    def _log_losses_of(self, a: Arm) -> None:
-        if a._losses:
-            self._flush_losses(a)
-
     def _flush_losses(self, a: Arm) -> None:
+        """Log one arm's buffered losses (mean since the last log); a non-finite one diverges it."""
+        if not a._losses:
+            return
         losses = torch.stack(a._losses).cpu().numpy()
         accs = torch.stack(a._accs).cpu().numpy() if a._accs else None
         first = a.last_step - len(losses) + 1
@@ -351,10 +347,7 @@ class Trainer:
         if accs is not None and accs.size:
             vals["acc"] = float(accs.mean())
         vals["lr"] = float(a.optimizer.param_groups[0]["lr"])
-        step = first + losses.size - 1
-        self.metrics.log(step, a.name, vals)
-        if self.on_log is not None:
-            self.on_log(step, a.name, vals)
+        self._emit(first + losses.size - 1, a, vals)
 
     def _diverge(self, arm: Arm, step: int, reason: str) -> None:
         if arm.status == "diverged":
@@ -362,9 +355,7 @@ class Trainer:
         arm.status = "diverged"
         arm.diverged_step = step
         arm.reason = reason
-        self.metrics.log(step, arm.name, {"diverged": 1.0})
-        if self.on_log is not None:
-            self.on_log(step, arm.name, {"diverged": 1.0})
+        self._emit(step, arm, {"diverged": 1.0})
         if self.progress is not None:
             self.progress.write(f"arm {arm.name!r} diverged at step {step}: {reason}; the other arms go on")
         if arm.recorder is not None:
@@ -377,12 +368,9 @@ class Trainer:
         for a in self.arms:
             if a.status == "diverged":
                 continue
-            ctx = a.recorder.paused() if a.recorder is not None else _null()
-            with ctx:
+            with a.paused():
                 vals = self.evaluate(a.model)
-            self.metrics.log(self.step, a.name, vals)
-            if self.on_log is not None:
-                self.on_log(self.step, a.name, vals)
+            self._emit(self.step, a, vals)
 
 
 def _edges_of(rec: Recorder | None) -> dict[str, list[float]]:
@@ -394,11 +382,3 @@ def _edges_of(rec: Recorder | None) -> dict[str, list[float]]:
 
 def _parse_edges(edges: dict[str, list[float]]) -> dict[tuple[str, str], tuple[float, float]]:
     return {tuple(k.split("|", 1)): (float(v[0]), float(v[1])) for k, v in edges.items()}
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False

@@ -34,7 +34,7 @@ LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
 # ---------------------------------------------------------------------- shared probe plumbing
-class _RngState:
+class RngSnapshot:
     """Snapshot of the torch RNG state (CPU and every initialised CUDA device)."""
 
     def __init__(self) -> None:
@@ -49,9 +49,9 @@ class _RngState:
 
 
 @contextmanager
-def _probe_context(model: nn.Module, train: bool) -> Iterator[_RngState]:
+def _probe_context(model: nn.Module, train: bool) -> Iterator[RngSnapshot]:
     """Training mode (if ``train``) and a saved RNG state for the block; both restored on exit."""
-    rng = _RngState()
+    rng = RngSnapshot()
     flags = [(m, m.training) for m in model.modules()]
     if train:
         model.train()
@@ -97,7 +97,7 @@ def _tensor_slots(model: nn.Module) -> dict[str, str]:
 class _Evaluator:
     """Evaluates loss_fn at arbitrary parameter values, functionally and reproducibly."""
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, batch: Any, rng: _RngState):
+    def __init__(self, model: nn.Module, loss_fn: LossFn, batch: Any, rng: RngSnapshot):
         self.wrapper = _CallModule(model, loss_fn)
         self.batch = batch
         self.rng = rng
