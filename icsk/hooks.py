@@ -250,7 +250,7 @@ class Recorder:
         self.stats_dir = self.path / "stats"
         self._writer = ChunkWriter(self.stats_dir, background=True)
         self._reducer = Reducer(self.spec)  # large layers, inside the hook
-        self._stage_reducer = Reducer(self.spec)  # staged layers, on the reducer thread
+        self._stage_reducer = Reducer(self.spec, threads=1)  # staged layers, on the single-threaded reducer thread
         self._reduce_pool = _single_threaded_pool("icsk-reduce")
         self._states: dict[tuple[str, str], _LayerState] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []

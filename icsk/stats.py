@@ -10,7 +10,9 @@ histograms). Speed notes, measured on a 2-core CPU (see reports/benchmarks.md):
 * ``torch.var_mean`` has a slow path on small inputs; two-pass mean/centred-sum is faster and
   as accurate;
 * ``torch.sort`` over many short rows is ~9x slower than NumPy's SIMD sort on the CPU, so
-  quantiles sort with NumPy there (zero-copy view, same memory) and with torch on GPUs.
+  quantiles sort with NumPy there (zero-copy view, same memory) and with torch on GPUs;
+* conv activations on the CPU (rows of >= 16 spatial values) get every statistic but the
+  quantiles from one fused pass (:mod:`icsk.kernels`, numba) instead of one pass per statistic.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from . import kernels
 
 SCALAR_STATS = ("mean", "var", "min", "max", "quantiles", "frac_sat", "frac_zero", "nonfinite")
 ALL_STATS = (*SCALAR_STATS, "hist")
@@ -75,8 +79,12 @@ def _unit_sum(x: torch.Tensor) -> torch.Tensor:
 class Reducer:
     """Computes a StatSpec's statistics of ``[K, N, C, S]`` views; owns reusable scratch memory."""
 
-    def __init__(self, spec: StatSpec):
+    def __init__(self, spec: StatSpec, threads: int | None = None, fused: bool = True):
+        """``threads``: CPU threads of the fused kernel (default: torch's count at call time);
+        ``fused=False`` keeps every statistic on the torch path."""
         self.spec = spec
+        self.threads = threads
+        self.fused = fused
         self._scratch: dict[tuple, torch.Tensor] = {}
         self._offsets: dict[tuple, torch.Tensor] = {}
 
@@ -108,6 +116,8 @@ class Reducer:
             x, sortable = xf, True
         K, N, C, S = x.shape
         m = N * S
+        if self.fused and x.device.type == "cpu" and x.is_contiguous() and S >= kernels.MIN_ROW and kernels.available():
+            return self._reduce_fused(x, edges, sortable)
         out: dict[str, torch.Tensor] = {}
         need_t = any(s in stats for s in ("var", "frac_sat", "frac_zero", "nonfinite", "hist"))
         t = self._buf("t", tuple(x.shape), torch.float32, x.device) if need_t else None
@@ -147,6 +157,35 @@ class Reducer:
                 out[quantile_name(q)] = v
         return out
 
+    def _reduce_fused(self, x: torch.Tensor, edges, sortable: bool) -> dict[str, torch.Tensor]:
+        """Every statistic but the quantiles in one fused pass (:func:`icsk.kernels.scan`)."""
+        spec, stats = self.spec, self.spec.stats
+        if "hist" in stats and edges is None:
+            raise ValueError("histogram requested without a range")
+        hist = self._hist_transform(edges) if "hist" in stats else None
+        res = kernels.scan(x.numpy(), min_max="min" in stats or "max" in stats,
+                           sat=spec.sat_threshold if "frac_sat" in stats else None,
+                           zero_eps=spec.zero_eps if "frac_zero" in stats else None,
+                           nonfinite="nonfinite" in stats, hist=hist,
+                           threads=self.threads or torch.get_num_threads())
+        out = {s: torch.from_numpy(res[s]) for s in SCALAR_STATS if s in stats and s in res}
+        if "hist" in stats:
+            out["hist"] = torch.from_numpy(res["hist"])
+        if "quantiles" in stats:
+            for q, v in zip(spec.quantiles, self._quantiles(x, sortable), strict=True):
+                out[quantile_name(q)] = v
+        return out
+
+    def _hist_transform(self, edges: tuple[float, float]) -> tuple[float, float, int]:
+        """``(origin, scale, B)``: value v lies in bin clamp(int((v - origin) * scale), 0, B+1).
+
+        The origin sits one bin below ``lo``, so every bin index is >= 0 after clamping and the
+        integer conversion (truncation) is the floor."""
+        lo, hi = edges
+        B = self.spec.hist_bins
+        scale = B / (hi - lo)
+        return lo - 1.0 / scale, scale, B
+
     def _histogram(self, x: torch.Tensor, t: torch.Tensor, edges: tuple[float, float],
                    maybe_nan: bool = True) -> torch.Tensor:
         """Per-unit counts in B equal bins over [lo, hi) plus an underflow (first) and an
@@ -154,12 +193,8 @@ class Reducer:
         clamped to [0, B+1]; NaN is dropped (it is counted by 'nonfinite'). ``maybe_nan=False``
         (known NaN-free input) skips the pass that sets NaN aside."""
         K, N, C, S = x.shape
-        B = self.spec.hist_bins
-        lo, hi = edges
-        scale = B / (hi - lo)
-        # shifting the origin one bin down makes every bin index >= 0 after clamping, so the
-        # integer conversion (truncation) is the floor and no separate floor pass is needed
-        torch.sub(x, lo - 1.0 / scale, out=t)
+        origin, scale, B = self._hist_transform(edges)
+        torch.sub(x, origin, out=t)
         t.mul_(scale).clamp_(0.0, B + 1.0)
         if maybe_nan:
             t.nan_to_num_(nan=B + 2.0)
@@ -175,7 +210,8 @@ class Reducer:
         return counts.view(K, C, B + 3)[..., : B + 2].to(torch.float32)
 
     def _quantiles(self, x: torch.Tensor, sortable: bool) -> list[torch.Tensor]:
-        """Exact per-unit quantiles with linear interpolation (NumPy's default method)."""
+        """Exact per-unit quantiles with linear interpolation (NumPy's default method); NaN
+        for a unit with a NaN value, as ``np.quantile`` and ``torch.quantile`` give."""
         K, N, C, S = x.shape
         m = N * S
         if sortable and N == 1 and x.is_contiguous():
@@ -190,16 +226,17 @@ class Reducer:
         frac = [p - i for p, i in zip(pos, lo_idx, strict=True)]
         if rows.device.type == "cpu":
             arr = rows.numpy()  # same memory
-            if m >= _PARTITION_MIN_ROW:
-                arr.partition(sorted(set(lo_idx + hi_idx)), axis=-1)
+            if m >= _PARTITION_MIN_ROW:  # the last index too: it holds NaN if the row has one
+                arr.partition(sorted(set(lo_idx + hi_idx + [m - 1])), axis=-1)
             else:
                 arr.sort(axis=-1)
             srt = rows
         else:
             srt = torch.sort(rows, dim=-1).values
+        has_nan = srt[:, m - 1].isnan()  # NaN sorts last; a unit with NaN has NaN quantiles
         res = []
         for i, j, f in zip(lo_idx, hi_idx, frac, strict=True):
             a = srt[:, i]
             v = a + (srt[:, j] - a) * f if f > 0 else a.clone()
-            res.append(v.view(K, C))
+            res.append(v.masked_fill_(has_nan, float("nan")).view(K, C))
         return res

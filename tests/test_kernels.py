@@ -1,0 +1,120 @@
+"""The fused numba scan kernel against a float64 reference and against the torch path."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from icsk import kernels
+from icsk.stats import ALL_STATS, Reducer, StatSpec
+from test_recorder import QS, reference
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba not installed (fused kernels off)")
+
+EDGES = (-2.0, 2.5)
+BINS = 9
+SCALAR = ["mean", "var", "min", "max", "frac_sat", "frac_zero", "nonfinite", *(f"q{q:g}" for q in QS)]
+
+
+def awkward(k: int, n: int, c: int, s: int, seed: int = 0, at_edges: bool = False) -> torch.Tensor:
+    """[K, N, C, S] values with NaN, +-inf and exact zeros; ``at_edges`` adds the bin edges and
+    their float32 neighbours (binned by float32 arithmetic, so only the paths agree there)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(k, n, c, s, generator=g) * 2 + 0.3
+    if at_edges:
+        edges = torch.linspace(*EDGES, BINS + 1)
+        near = torch.cat([edges, torch.nextafter(edges, edges + 1), torch.nextafter(edges, edges - 1)])
+        x[0].view(-1)[: len(near)] = near  # spread over the first units of step 0
+    x[-1, 0, c - 1, :5] = 0.0
+    x[0, 0, 1 % c, 3] = float("nan")
+    x[-1, n - 1, 0, 2] = float("inf")
+    x[-1, n - 1, 0, 4] = -float("inf")
+    return x
+
+
+def ref_of(x4: torch.Tensor, k: int) -> dict[str, np.ndarray]:
+    """Float64 reference of stacked step ``k`` of a [K, N, C, S] tensor (NaN left out of the
+    histogram, as icsk counts it under ``nonfinite`` instead)."""
+    a = x4[k].numpy()
+    ref = reference(a, np.linspace(*EDGES, BINS + 1), sat=1.5)
+    nan_per_unit = np.isnan(a).sum(axis=(0, 2))
+    ref["hist"][:, -1] -= nan_per_unit  # searchsorted puts NaN in the overflow bin
+    return ref
+
+
+@pytest.mark.parametrize("shape", [(1, 6, 3, 16), (2, 5, 4, 49), (3, 2, 7, 1024)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_matches_float64_reference(shape, threads):
+    x = awkward(*shape)
+    spec = StatSpec(stats=ALL_STATS, quantiles=QS, hist_bins=BINS, sat_threshold=1.5)
+    out = Reducer(spec, threads=threads)(x, EDGES)
+    assert out["hist"].dtype == torch.float32 and out["hist"].shape == (shape[0], shape[2], BINS + 2)
+    for k in range(shape[0]):
+        ref = ref_of(x, k)
+        for stat in SCALAR:
+            got, want = out[stat][k].double().numpy(), ref[stat]
+            np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, equal_nan=True, err_msg=f"{stat} step {k}")
+        np.testing.assert_array_equal(out["hist"][k].numpy(), ref["hist"], err_msg=f"hist step {k}")
+
+
+def test_fused_and_torch_paths_agree_bin_for_bin():
+    """Same bin for every value (float32 bin arithmetic is shared), moments to float32 rounding."""
+    x = awkward(2, 64, 8, 256, seed=3, at_edges=True)
+    spec = StatSpec(stats=ALL_STATS, quantiles=QS, hist_bins=BINS)
+    fused, plain = Reducer(spec)(x, EDGES), Reducer(spec, fused=False)(x, EDGES)
+    assert torch.equal(fused["hist"], plain["hist"])
+    for stat in ("min", "max", "frac_sat", "frac_zero", "nonfinite", "q0.5"):
+        torch.testing.assert_close(fused[stat], plain[stat], rtol=0, atol=0, equal_nan=True, msg=stat)
+    for stat in ("mean", "var"):
+        torch.testing.assert_close(fused[stat], plain[stat], rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def test_variance_survives_a_large_offset():
+    """One-pass sums around a per-unit shift: no cancellation when |mean| >> std."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(1, 32, 2, 64, generator=g, dtype=torch.float64) * 1e-2 + 1e4).float()
+    out = Reducer(StatSpec(stats=("mean", "var")))(x)
+    want = x.double().permute(0, 2, 1, 3).reshape(2, -1).var(1)
+    torch.testing.assert_close(out["var"][0].double(), want, rtol=1e-4, atol=0)
+
+
+def test_small_rows_channels_last_and_disabled_use_the_torch_path(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("fused kernel used")
+
+    spec = StatSpec(stats=("mean", "var", "hist"), hist_bins=4)
+    monkeypatch.setattr(kernels, "scan", boom)
+    Reducer(spec)(torch.randn(1, 8, 3, kernels.MIN_ROW - 1), (-1.0, 1.0))  # rows too short
+    Reducer(spec)(torch.randn(1, 8, 20, 3).transpose(2, 3), (-1.0, 1.0))  # not contiguous
+    Reducer(spec, fused=False)(torch.randn(1, 8, 3, 64), (-1.0, 1.0))
+    monkeypatch.setenv("ICSK_FUSED", "0")
+    assert not kernels.available()
+    Reducer(spec)(torch.randn(1, 8, 3, 64), (-1.0, 1.0))
+    monkeypatch.delenv("ICSK_FUSED")
+    with pytest.raises(AssertionError, match="fused kernel used"):
+        Reducer(spec)(torch.randn(1, 8, 3, 64), (-1.0, 1.0))
+
+
+def test_parallel_kernels_from_several_threads_are_safe():
+    """numba's default threading layer runs one parallel kernel at a time; others go serial."""
+    xs = [awkward(1, 16, 6, 256, seed=s) for s in range(4)]
+    spec = StatSpec(stats=("mean", "var", "min", "max", "hist"), hist_bins=BINS)
+    want = [Reducer(spec, threads=1)(x, EDGES) for x in xs]
+    got: dict[int, dict] = {}
+
+    def work(i: int) -> None:
+        r = Reducer(spec, threads=2)
+        for _ in range(5):
+            got[i] = r(xs[i], EDGES)
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    for i in range(4):
+        for stat, v in want[i].items():
+            torch.testing.assert_close(got[i][stat], v, rtol=0, atol=0, equal_nan=True, msg=stat)
