@@ -16,7 +16,7 @@ import difflib
 import fnmatch
 import shutil
 import tempfile
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +28,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
+from .background import background_pool
 from .schedule import Schedule
 from .stats import ALL_STATS, DEFAULT_STATS, Reducer, StatSpec
 from .store import ChunkWriter, read_histograms, read_stats, write_json_atomic
@@ -81,55 +82,36 @@ def _no_match_message(sel: Any, names: list[str]) -> str:
     return f"layer selector {kind} matches no module of the model; module names start with: {names[:8]}"
 
 
-def _one_thread() -> None:
-    torch.get_num_threads()  # initializes this thread's count first (else the next op resets it)
-    torch.set_num_threads(1)
-
-
-def _single_threaded_pool(name: str) -> ThreadPoolExecutor:
-    """A one-worker pool whose torch ops run single-threaded.
-
-    A second OpenMP team (the worker's) next to the training thread's would spin on the same
-    cores and slow every training step down (2.5x measured on 2 cores). torch keeps the thread
-    count per OS thread once a thread has initialized it, so the worker sets 1 for itself and
-    the process-wide default is put back afterwards."""
-    threads = torch.get_num_threads()
-    pool = ThreadPoolExecutor(1, thread_name_prefix=name, initializer=_one_thread)
-    pool.submit(lambda: None).result()  # start the worker now
-    torch.set_num_threads(threads)
-    return pool
-
-
 def _chunk_table(batches: list) -> pa.Table:
     """One parquet chunk from (layer, mode, steps, counts, results) batches; results may be
     futures of the reducer thread and device tensors (moved to the host here, once)."""
-    cols: dict[str, list] = {"step": [], "mode": [], "layer": [], "stat": [], "values": []}
+    steps_col: list[np.ndarray] = []
+    values: list[np.ndarray] = []  # [rows, width] blocks
+    labels: dict[str, dict[str, int]] = {"mode": {}, "layer": {}, "stat": {}}
+    codes: dict[str, list[np.ndarray]] = {k: [] for k in labels}
 
-    def add(steps: np.ndarray, mode: str, layer: str, stat: str, arr: np.ndarray) -> None:
-        cols["step"].append(steps)
-        for key, val in (("mode", mode), ("layer", layer), ("stat", stat)):
-            cols[key].append(np.full(len(steps), val, dtype=object))
-        cols["values"].append(arr)
+    def add(steps: np.ndarray, arr: np.ndarray, **ids: str) -> None:
+        steps_col.append(steps)
+        values.append(arr)
+        for key, val in ids.items():  # label codes: no Python string object per row
+            code = labels[key].setdefault(val, len(labels[key]))
+            codes[key].append(np.full(len(steps), code, dtype=np.int32))
 
     for layer, mode, steps, counts, results in batches:
         steps = np.asarray(steps, dtype=np.int64)
         results = [r.result() if isinstance(r, Future) else r for r in results]
         for stat in results[0]:
             arr = torch.cat([r[stat] for r in results]).cpu().numpy().astype(np.float32, copy=False)
-            add(steps, mode, layer, stat, arr.reshape(len(steps), -1))
-        add(steps, mode, layer, "count", np.asarray(counts, dtype=np.float32).reshape(-1, 1))
-    widths = np.concatenate([np.full(a.shape[0], a.shape[1], dtype=np.int32) for a in cols["values"]])
+            add(steps, arr.reshape(len(steps), -1), mode=mode, layer=layer, stat=stat)
+        add(steps, np.asarray(counts, dtype=np.float32).reshape(-1, 1), mode=mode, layer=layer, stat="count")
+    widths = np.concatenate([np.full(a.shape[0], a.shape[1], dtype=np.int32) for a in values])
     offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int32)
-    flat = np.concatenate([a.reshape(-1) for a in cols["values"]])
-    return pa.table(
-        {
-            "step": pa.array(np.concatenate(cols["step"])),
-            "mode": pa.array(np.concatenate(cols["mode"]), pa.string()),
-            "layer": pa.array(np.concatenate(cols["layer"]), pa.string()),
-            "stat": pa.array(np.concatenate(cols["stat"]), pa.string()),
-            "values": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)),
-        }
-    )
+    flat = np.concatenate([a.reshape(-1) for a in values])
+    table = {"step": pa.array(np.concatenate(steps_col))}
+    for key, names in labels.items():
+        table[key] = pa.DictionaryArray.from_arrays(np.concatenate(codes[key]), list(names)).cast(pa.string())
+    table["values"] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+    return pa.table(table)
 
 
 class _LayerState:
@@ -251,7 +233,7 @@ class Recorder:
         self._writer = ChunkWriter(self.stats_dir, background=True)
         self._reducer = Reducer(self.spec)  # large layers, inside the hook
         self._stage_reducer = Reducer(self.spec, threads=1)  # staged layers, on the single-threaded reducer thread
-        self._reduce_pool = _single_threaded_pool("icsk-reduce")
+        self._reduce_pool = background_pool("icsk-reduce")
         self._states: dict[tuple[str, str], _LayerState] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._entered = False

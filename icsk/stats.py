@@ -209,17 +209,19 @@ class Reducer:
         counts = torch.bincount(codes.view(-1), minlength=K * C * (B + 3))
         return counts.view(K, C, B + 3)[..., : B + 2].to(torch.float32)
 
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """A scratch copy of ``x`` [K, N, C, S] as [K, 1, C, N*S]: each unit's values in one row."""
+        K, N, C, S = x.shape
+        rows = self._buf("rows", (K, C, N, S), torch.float32, x.device)
+        rows.copy_(x.permute(0, 2, 1, 3))
+        return rows.view(K, 1, C, N * S)
+
     def _quantiles(self, x: torch.Tensor, sortable: bool) -> list[torch.Tensor]:
         """Exact per-unit quantiles with linear interpolation (NumPy's default method); NaN
         for a unit with a NaN value, as ``np.quantile`` and ``torch.quantile`` give."""
         K, N, C, S = x.shape
         m = N * S
-        if sortable and N == 1 and x.is_contiguous():
-            rows = x.view(K * C, m)
-        else:
-            rows = self._buf("rows", (K, C, N, S), torch.float32, x.device)
-            rows.copy_(x.permute(0, 2, 1, 3))
-            rows = rows.view(K * C, m)
+        rows = (x if sortable and N == 1 and x.is_contiguous() else self._rows(x)).view(K * C, m)
         pos = [q * (m - 1) for q in self.spec.quantiles]
         lo_idx = [int(np.floor(p)) for p in pos]
         hi_idx = [min(i + 1, m - 1) for i in lo_idx]

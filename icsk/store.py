@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .background import background_pool
 
 CHUNK_GLOB = "chunk-*.parquet"
 _CHUNK_RE = re.compile(r"chunk-(\d+)\.parquet$")
@@ -77,7 +79,7 @@ class ChunkWriter:
         self.folder.mkdir(parents=True, exist_ok=True)
         existing = [int(m.group(1)) for p in self.folder.glob(CHUNK_GLOB) if (m := _CHUNK_RE.search(p.name))]
         self._next = max(existing, default=-1) + 1
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="icsk-writer") if background else None
+        self._pool = background_pool("icsk-writer") if background else None
         self._pending: Future | None = None
 
     def write(self, table: pa.Table | Callable[[], pa.Table], before: Callable[[], None] | None = None) -> Path:

@@ -124,6 +124,10 @@ class IcskRec:
     def step(self):
         self.rec.step()
 
+    def drain(self):
+        """Finish the block's background reductions and writes, so they count in its time."""
+        self.rec.flush(wait=True)
+
 
 # ---------------------------------------------------------------- timing
 def make_step(model, x, y) -> Callable[[], None]:
@@ -166,6 +170,8 @@ def measure(name, model, x, y, layer_names, stats, steps_per_block, repeats, war
                     for _ in range(steps_per_block):
                         step()
                         ctx.step()
+                    if hasattr(ctx, "drain"):
+                        ctx.drain()
                     dt = time.perf_counter() - t0
                 if hasattr(ctx, "out"):
                     ctx.out.clear()
@@ -207,6 +213,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--memory-steps", type=int, default=100_000, help="MLP steps for the memory check (0 skips)")
+    ap.add_argument("--mlp-threads", type=lambda t: [int(v) for v in t.split(",")], default=[1, 2],
+                    help="comma-separated intra-op thread counts to time the MLP at (default 1,2)")
     ap.add_argument("--only", choices=["mlp", "vgg"], default=None, help="run one setting only (no --write)")
     ap.add_argument("--write", type=Path, default=None, help="replace the '## Recorder overhead' section of this markdown file")
     args = ap.parse_args()
@@ -215,17 +223,22 @@ def main() -> None:
     rows = []
     if args.only:
         args.write, args.memory_steps = None, 0
-    m = mlp()
-    res = None if args.only == "vgg" else measure("mlp", m, torch.randn(60, 784), torch.randint(0, 10, (60,)), ["1", "3", "5"],
-                  ("mean", "var", "quantiles"), steps_per_block=128 if args.quick else 512, repeats=reps)
-    if res is not None:
-        rows.append(("Ioffe MLP 784-100x3-10, batch 60: mean/var/q.15/.5/.85 of 3 sigmoid layers, every step", res, 1.15))
+    default_threads = torch.get_num_threads()
+    for threads in ([] if args.only == "vgg" else args.mlp_threads):
+        torch.set_num_threads(threads)
+        res = measure(f"mlp, {threads} thread(s)", mlp(), torch.randn(60, 784), torch.randint(0, 10, (60,)),
+                      ["1", "3", "5"], ("mean", "var", "quantiles"), steps_per_block=128 if args.quick else 512,
+                      repeats=reps)
+        rows.append((f"Ioffe MLP 784-100x3-10, batch 60, {threads} intra-op thread(s): mean/var/q.15/.5/.85 "
+                     "of 3 sigmoid layers, every step", res, 1.15))
+    torch.set_num_threads(default_threads)
     v = vgg_small()
     convs = [n for n, mod in v.named_modules() if isinstance(mod, nn.Conv2d)]
     res = None if args.only == "mlp" else measure("vgg", v, torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,)), convs,
-                  ("mean", "var", "hist"), steps_per_block=2 if args.quick else 3, repeats=max(3, reps // 2))
+                  ("mean", "var", "hist"), steps_per_block=2 if args.quick else 3, repeats=reps)
     if res is not None:
-        rows.append(("VGG-small 32x32, batch 128: mean/var + 32-bin histogram of 4 conv layers, every step", res, 1.05))
+        rows.append((f"VGG-small 32x32, batch 128, {default_threads} intra-op thread(s): mean/var + 32-bin "
+                     "histogram of 4 conv layers, every step", res, 1.05))
     lines = ["| setting | plain step | icsk | naive-numpy | torch-simple | fastai-item | target (icsk) |",
              "|---|---|---|---|---|---|---|"]
     for title, r, target in rows:
@@ -247,7 +260,7 @@ def main() -> None:
         cmd = "python scripts/bench_recorder.py" + (" --quick" if args.quick else "") + (
             f" --memory-steps {args.memory_steps}" if args.memory_steps != 100_000 else "") + f" --write {args.write}"
         section = (f"## Recorder overhead\n\nProduced by `{cmd}` on {platform.processor() or platform.machine()}, "
-                   f"{torch.get_num_threads()} threads, torch {torch.__version__}; medians of {reps} interleaved repeats "
+                   f"{os.cpu_count()} CPUs, torch {torch.__version__}; medians of {reps} interleaved repeats "
                    f"after a warm-up block. Ratio = step time with hooks / plain step time.\n\n{table}\n")
         write_section(args.write, "## Recorder overhead", section)
 

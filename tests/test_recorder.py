@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import threading
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -298,3 +301,17 @@ def test_load_run_errors_name_the_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(icsk.RunFolderError, match="not an icsk run folder"):
         load_run(tmp_path / "empty")
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
+def test_worker_threads_run_single_threaded_at_idle_priority(tmp_path):
+    """Reducer and writer threads must never preempt training threads nor start OpenMP teams."""
+    before = torch.get_num_threads()
+    rec = icsk.Recorder(nn.Sequential(nn.Linear(3, 2)), path=tmp_path)
+    assert torch.get_num_threads() == before  # the process-wide count is left alone
+    workers = [t for t in threading.enumerate() if t.name.startswith(("icsk-reduce", "icsk-writer"))]
+    assert {t.name.split("_")[0] for t in workers} >= {"icsk-reduce", "icsk-writer"}
+    for t in workers:
+        assert os.sched_getscheduler(t.native_id) == os.SCHED_IDLE, t.name
+    assert rec._reduce_pool.submit(torch.get_num_threads).result() == 1
+    rec.close()
