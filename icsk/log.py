@@ -1,6 +1,8 @@
 """Logging: a wandb mirror of the run folder (offline unless asked) and console progress.
 
-The run folder is the source of truth; wandb gets per-arm scalars at the log rate. wandb is
+The run folder is the source of truth; wandb gets per-arm scalars at the log rate, under the
+history key ``<arm>/<metric>`` (``<arm>/<metric>/<layer>`` for per-layer metrics such as
+``bn/ics_l2/block1.linear``; :func:`split_metric_key` inverts it). wandb is
 imported lazily, runs ``offline`` by default (written under ``<run>/wandb`` for a later
 ``wandb sync``), never waits on a network, and is always finished so that consecutive sweep
 jobs never merge into one wandb run.
@@ -33,6 +35,15 @@ def normalize_mode(mode: str | None) -> str:
     if m not in WANDB_MODES:
         raise ValueError(f"logger.mode must be one of {WANDB_MODES}, got {mode!r}")
     return m
+
+
+def split_metric_key(key: str) -> tuple[str, str, str] | None:
+    """``(arm, metric, layer)`` of a history key ``<arm>/<metric>[/<layer>]`` (layer ``""`` when
+    absent); None for keys that are not icsk metrics (wandb's ``_step``, ``_runtime``, ``step``)."""
+    if key.startswith("_") or "/" not in key:
+        return None
+    arm, metric, *layer = key.split("/", 2)
+    return (arm, metric, layer[0] if layer else "") if arm and metric else None
 
 
 class NullLogger:

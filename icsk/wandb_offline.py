@@ -9,6 +9,7 @@ payload is a serialized ``wandb.proto.wandb_internal_pb2.Record``.
 
     run = read_offline_run("runs/demo/.../wandb")      # a wandb dir, run folder or .wandb file
     run["history"]    # DataFrame, one row per wandb history row (icsk: per training step)
+    run["history_rows"]  # the same rows as dicts holding only the keys logged in each
     run["config"], run["summary"], run["run_id"]
 
 Use it in tests and to check what a sweep will upload before ``wandb sync``.
@@ -161,8 +162,9 @@ def read_offline_run(path: str | Path, *, strict: bool = False, wait: float = 0.
     ``run_id``, ``project``, ``group``, ``job_type``, ``tags``, ``name``, ``config`` (plain values,
     wandb's own ``_wandb`` entry dropped), ``summary`` (final), ``history`` (pandas DataFrame,
     one row per wandb history row, sorted by ``_step``, columns = logged keys; a histogram or
-    image is one column holding its JSON dict), ``exit_code`` (None while the run is unfinished)
-    and ``path``.
+    image is one column holding its JSON dict), ``history_rows`` (the same rows as dicts with only
+    the keys logged in each, like the wandb API's ``scan_history``: a logged NaN stays apart from a
+    missing key), ``exit_code`` (None while the run is unfinished) and ``path``.
 
     wandb's service writes the log in the background and may still be flushing it for a moment
     after ``run.finish()`` returns (it is complete once the process has exited); ``wait`` > 0
@@ -226,10 +228,8 @@ def _read_run(path: str | Path, *, strict: bool) -> dict[str, Any]:
             out["exit_code"] = int(rec.exit.exit_code)
     config.pop("_wandb", None)
     summary.pop("_wandb", None)
-    history = pd.DataFrame(rows)
-    if "_step" in history.columns:
-        history = history.sort_values("_step", kind="stable").reset_index(drop=True)
-    out.update(config=config, summary=summary, history=history)
+    rows.sort(key=lambda r: (r.get("_step") is None, r.get("_step") or 0))  # stable; rows without a step last
+    out.update(config=config, summary=summary, history=pd.DataFrame(rows), history_rows=rows)
     return out
 
 
