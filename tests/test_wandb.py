@@ -21,15 +21,7 @@ from icsk.wandb_offline import (BLOCK_LEN, WandbFileError, find_run_files, iter_
                                 read_offline_run)
 
 
-@pytest.fixture(autouse=True)
-def wandb_env(tmp_path, monkeypatch):
-    """wandb's own caches in the test folder; no inherited WANDB_MODE/project settings."""
-    for k in list(os.environ):
-        if k.startswith("WANDB_"):
-            monkeypatch.delenv(k)
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    for k in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
-        monkeypatch.setenv(k, str(tmp_path / ".wandb_home" / k.lower()))
+pytestmark = pytest.mark.usefixtures("wandb_env")  # conftest: wandb's caches in the test folder
 
 
 def tiny_cfg(*extra: str):

@@ -1,6 +1,7 @@
 """Figures and summaries from icsk run folders: ``build_report(paths, out=...)`` or ``icsk-report``.
 
-``report`` reads run folders through :mod:`icsk.store`, computes drift with
+``report`` reads run folders through :mod:`icsk.store` (and the metrics of wandb runs,
+``wandb:ENTITY/PROJECT``, through :mod:`.wandb_source`), computes drift with
 :mod:`icsk.metrics.drift`, and never trains. The library does not pick a matplotlib backend
 (figures show inline in notebooks); the command line uses Agg.
 """
@@ -22,6 +23,7 @@ from .figures import (
 )
 from .loading import NoRunsError, Run, RunSet, collect_runs, find_run_dirs, is_run_dir
 from .style import ARM_PALETTE, arm_color, report_style, style_context
+from .wandb_source import WandbQuery, WandbRun, WandbSourceError, history_to_metrics
 
 __all__ = [
     "ARM_PALETTE",
@@ -32,6 +34,9 @@ __all__ = [
     "Report",
     "Run",
     "RunSet",
+    "WandbQuery",
+    "WandbRun",
+    "WandbSourceError",
     "arm_color",
     "build_report",
     "collect_runs",
@@ -45,6 +50,7 @@ __all__ = [
     "fig_sweep",
     "final_metrics",
     "find_run_dirs",
+    "history_to_metrics",
     "is_run_dir",
     "report_style",
     "save_figure",

@@ -1,4 +1,5 @@
-"""Build a report: run folders -> figures (PDF + PNG) + summary.md in ``<out>/<name>/``."""
+"""Build a report: run folders, sweep folders or wandb projects -> figures (PDF + PNG) + summary.md
+in ``<out>/<name>/``."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .figures import FIGURE_NAMES, FIGURES, MissingDataError, drift_frame, hist_density, ioffe_spread, seeds_per_arm
+from .figures import (FIGURE_NAMES, FIGURES, RECORDER_FIGURES, MissingDataError, drift_frame, hist_density,
+                      ioffe_spread, seeds_per_arm)
 from .loading import NoRunsError, RunSet, collect_runs
 from .style import arm_label, paper_bundles, report_style
 from .summary import BuiltFigure, sort_arms, summary_markdown
+from .wandb_source import WandbQuery, WandbRun, is_wandb_path
 
 PER_GROUP = {"ioffe", "drift_heatmap", "drift_curves", "ics", "smoothness", "hist_evolution"}
 DEFAULT_FORMATS = ("pdf", "png")
@@ -97,34 +100,37 @@ def build_report(
     where: dict[str, str] | None = None,
     arms: Sequence[str] | None = None,
     max_groups: int = 8,
+    wandb_query: WandbQuery | None = None,
     log: Callable[[str], None] = _stderr,
     debug: bool = False,
 ) -> Report:
-    """Turn run/sweep folders into ``<out>/<name>/`` figures and ``summary.md``.
+    """Turn run/sweep folders or ``wandb:ENTITY/PROJECT`` inputs into ``<out>/<name>/`` figures and
+    ``summary.md`` (``wandb_query`` selects a project's runs, see :mod:`.wandb_source`).
 
     ``figures=None`` builds every kind whose data exists; kinds whose data is missing are
     skipped with a message (via ``log``) naming what is missing. Runs differing in a config key
     other than the seed are drawn as separate time-series figures per setting (``--where`` picks
-    one); the ``sweep`` figure uses all runs. Raises NoRunsError (no runs) and ValueError (bad
-    figure names, formats, or paper bundle)."""
+    one); the ``sweep`` figure uses all runs. Raises NoRunsError (no runs), ValueError (bad
+    figure names, formats, paper bundle or wandb path) and WandbSourceError (wandb unreadable)."""
     kinds = check_figures(figures)
     explicit = figures is not None
     formats = check_formats(formats)
     if paper and paper not in paper_bundles():
         raise ValueError(f"unknown paper bundle {paper!r}; choose from {', '.join(paper_bundles()) or '(install tueplots)'}")
     if isinstance(inputs, RunSet):
-        runs, paths = inputs, [r.path for r in inputs]
+        runs, sources = inputs, [str(r.path) for r in inputs if r.path is not None]
     else:
-        paths = [Path(inputs)] if isinstance(inputs, (str, Path)) else [Path(p) for p in inputs]
-        runs = collect_runs(paths)
+        sources = [str(inputs)] if isinstance(inputs, (str, Path)) else [str(p) for p in inputs]
+        runs = collect_runs(sources, wandb_query)
+    folders = [Path(p) for p in sources if not is_wandb_path(p)]
     if where:
         runs = runs.where(where)
         if not len(runs):
             raise NoRunsError(f"no run matches {' '.join(f'{k}={v}' for k, v in where.items())} in "
-                              f"{', '.join(map(str, paths))}")
+                              f"{', '.join(sources)}")
     if arms:
         runs = runs.only_arms(list(arms))
-    name = name or runs.name or (paths[0].name if paths else "report")
+    name = name or runs.name or (Path(sources[0]).name if sources else "report")
     out_dir = Path(out) / slug(name)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = Report(out_dir=out_dir, name=name)
@@ -168,6 +174,9 @@ def build_report(
             except MissingDataError as e:
                 plt.close("all")
                 msg = str(e)
+                if kind in RECORDER_FIGURES and any(isinstance(r, WandbRun) for r in rs):
+                    msg += ("; runs read from wandb carry scalar metrics only: pass their run folders for "
+                            "Recorder statistics")
                 if msg not in reasons:
                     reasons.append(msg)
             except Exception as e:
@@ -188,7 +197,7 @@ def build_report(
 
     text = summary_markdown(name, runs, report.figures, report.skipped | {k: f"failed: {v}" for k, v in
                                                                           report.failed.items()},
-                            out_dir, extra=extra, inputs=paths)
+                            out_dir, extra=extra, inputs=folders)
     report.summary = out_dir / "summary.md"
     report.summary.write_text(text)
     log(f"icsk-report: wrote {report.summary}")

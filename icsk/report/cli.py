@@ -1,8 +1,13 @@
-"""Command line: ``icsk-report PATH... --out DIR [--name NAME] [--figures ...] ...``."""
+"""Command line: ``icsk-report PATH... --out DIR [--name NAME] [--figures ...] ...``.
+
+A PATH is a run folder, a sweep folder, or ``wandb:ENTITY/PROJECT[/RUN_ID]`` (runs read through
+the wandb API, selected with ``--wandb-group`` / ``--wandb-filters``; metrics only).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import matplotlib
@@ -13,11 +18,21 @@ from ..metrics.drift import MEASURES, REFS  # noqa: E402
 from .figures import FIGURE_NAMES  # noqa: E402
 from .loading import NoRunsError  # noqa: E402
 from .style import paper_bundles  # noqa: E402
+from .wandb_source import WandbPath, WandbQuery, WandbSourceError, is_wandb_path  # noqa: E402
 
 EPILOG = f"""figures: {', '.join(FIGURE_NAMES)} (default: every figure whose data exists).
 Runs that differ in a config key other than the seed get one time-series figure per setting;
---where optim.lr=0.1 keeps one. Exit codes: 0 ok, 1 no figure built or a figure failed,
-2 bad arguments or no runs found."""
+--where optim.lr=0.1 keeps one.
+
+wandb: PATH wandb:ENTITY/PROJECT reads the project's runs through the wandb API (after
+`wandb login`), wandb:ENTITY/PROJECT/RUN_ID one run, wandb:PROJECT uses your default entity.
+  icsk-report wandb:me/icsk --wandb-group lr_sweep-2026-01-01_10-00-00-000001 --out reports
+  icsk-report wandb:me/icsk --wandb-filters '{{"config.name": "lr_sweep", "state": "finished"}}'
+wandb holds the scalar metrics only: ics, smoothness and sweep work; ioffe, drift_* and
+hist_evolution need Recorder statistics, so pass the run folders for those.
+
+Exit codes: 0 ok, 1 no figure built or a figure failed, 2 bad arguments, no runs found, or
+wandb unreadable (not logged in, no network, unknown project)."""
 
 
 def _csv(text: str) -> list[str]:
@@ -42,15 +57,34 @@ def _where(items: list[str]) -> dict[str, str]:
     return out
 
 
+def _filters(text: str) -> dict:
+    try:
+        f = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"--wandb-filters expects a JSON object, e.g. "
+                                         f"'{{\"config.optim.lr\": 0.1}}'; got {text!r} ({e})") from None
+    if not isinstance(f, dict):
+        raise argparse.ArgumentTypeError(f"--wandb-filters expects a JSON object, got {text!r}")
+    return f
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return int(text)
+
+
 def make_parser() -> argparse.ArgumentParser:
     """The argument parser of icsk-report."""
     p = argparse.ArgumentParser(
         prog="icsk-report",
-        description="Turn icsk run folders or Hydra sweep folders into paper figures (PDF + PNG) and summary.md.",
+        description="Turn icsk run folders, Hydra sweep folders or a wandb project into paper figures (PDF + PNG) "
+                    "and summary.md.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("paths", nargs="+", metavar="PATH", help="run folder(s) or sweep folder(s)")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="run folder(s), sweep folder(s), or wandb:ENTITY/PROJECT[/RUN_ID]")
     p.add_argument("--out", default="reports", help="output root; figures go to OUT/NAME/ (default: reports)")
     p.add_argument("--name", default=None, help="report name (default: the runs' config 'name')")
     p.add_argument("--figures", type=_csv, default=None, help=f"comma-separated subset of: {', '.join(FIGURE_NAMES)}")
@@ -66,6 +100,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                    help="keep runs whose config KEY equals VALUE (repeatable), e.g. optim.lr=0.1")
     p.add_argument("--arms", type=_csv, default=None, help="comma-separated arms to draw (default all)")
+    w = p.add_argument_group("wandb inputs (PATH wandb:ENTITY/PROJECT)")
+    w.add_argument("--wandb-group", default=None, metavar="GROUP",
+                   help="only runs of this wandb group (a sweep's group is <name>-<sweep folder name>)")
+    w.add_argument("--wandb-filters", type=_filters, default=None, metavar="JSON",
+                   help="MongoDB-style filter of wandb.Api().runs, e.g. '{\"config.optim.lr\": 0.1}'")
+    w.add_argument("--wandb-max-runs", type=_positive, default=None, metavar="N", help="read at most N runs")
+    w.add_argument("--wandb-timeout", type=_positive, default=30, metavar="SECONDS",
+                   help="timeout of each wandb API request (default 30)")
     p.add_argument("--quiet", action="store_true", help="print only problems")
     p.add_argument("--debug", action="store_true", help="raise on figure errors (tracebacks)")
     return p
@@ -88,6 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     except argparse.ArgumentTypeError as e:
         parser.error(str(e))
     ref: str | int = args.ref
+    remote = [p for p in args.paths if is_wandb_path(p)]
+    try:
+        for p in remote:
+            WandbPath.parse(p)
+    except ValueError as e:
+        parser.error(str(e))
+    query = WandbQuery(group=args.wandb_group, filters=args.wandb_filters, max_runs=args.wandb_max_runs,
+                       timeout=args.wandb_timeout)
+    if not remote and (query.api_filters() or query.max_runs):
+        parser.error("--wandb-group, --wandb-filters and --wandb-max-runs select runs of a wandb:ENTITY/PROJECT "
+                     "input; no PATH starts with wandb:")
 
     def log(msg: str) -> None:
         if args.quiet and ("wrote" in msg):
@@ -97,11 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = build_report(args.paths, out=args.out, name=args.name, figures=figures, layer=args.layer,
                               unit=args.unit, measure=args.measure, ref=ref, paper=args.paper, formats=args.formats,
-                              where=where, arms=args.arms, log=log, debug=args.debug)
+                              where=where, arms=args.arms, wandb_query=query, log=log, debug=args.debug)
     except NoRunsError as e:
         print(f"icsk-report: error: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:
+    except (ValueError, WandbSourceError) as e:
         if args.debug:
             raise
         print(f"icsk-report: error: {e}", file=sys.stderr)

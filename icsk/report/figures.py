@@ -707,6 +707,7 @@ FIGURES: dict[str, Callable[..., Figure]] = {
     "hist_evolution": fig_hist_evolution,
 }
 FIGURE_NAMES = tuple(FIGURES)
+RECORDER_FIGURES = frozenset({"ioffe", "drift_heatmap", "drift_curves", "hist_evolution"})  # need Recorder statistics
 CAPTIONS = {
     "ioffe": "Ioffe & Szegedy Fig. 1: (a) test accuracy per arm; then the 15th/50th/85th percentiles of one "
              "unit's input over training, per arm.",

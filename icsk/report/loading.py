@@ -1,9 +1,11 @@
-"""Collect run folders (single runs, Hydra sweep folders) and read their tables with config columns.
+"""Collect runs (run folders, Hydra sweep folders, wandb projects) and read their tables with config columns.
 
 A *run folder* holds ``run.json`` or ``arms/`` (or a Recorder's ``stats/``); a *sweep folder*
-holds run folders one or two levels down (Hydra multirun: ``0/ 1/ ...``). Tables of several runs
-are concatenated with a ``run`` column plus config columns (``seed`` and every config key that
-varies across runs, e.g. ``optim.lr``), so seeds can be aggregated and sweeps plotted.
+holds run folders one or two levels down (Hydra multirun: ``0/ 1/ ...``). An input
+``wandb:ENTITY/PROJECT`` reads runs through the wandb API (:mod:`.wandb_source`; metrics only).
+Tables of several runs are concatenated with a ``run`` column plus config columns (``seed`` and
+every config key that varies across runs, e.g. ``optim.lr``), so seeds can be aggregated and
+sweeps plotted.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from ..store import RunFolderError, arms_of, load_run, read_json, read_recorder_meta
 from .style import order_arms
+
+if TYPE_CHECKING:
+    from .wandb_source import WandbQuery
 
 # Config keys never treated as swept parameters (bookkeeping, or the arm itself).
 _NOT_SWEPT = re.compile(r"^(name|seed|model\.arms|model\.norm|(hydra|logger|wandb)(\..*)?|"
@@ -69,9 +74,10 @@ def read_config(run_dir: Path) -> dict[str, Any]:
 
 @dataclass
 class Run:
-    """One run folder: its config, status, and lazily read tables."""
+    """One run folder: its config, status, and lazily read tables (``path`` is None for a run
+    not read from a folder, see :class:`.wandb_source.WandbRun`)."""
 
-    path: Path
+    path: Path | None
     run_id: str
     config: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
@@ -114,9 +120,13 @@ class Run:
         m = self.metrics
         if len(m):
             names |= set(m["arm"].astype(str).unique())
-        if not names and (self.path / "stats").is_dir():
-            names = {self.default_arm}
+        if not names:
+            names = set(self.recorder_arms())
         return order_arms(names)
+
+    def recorder_arms(self) -> list[str]:
+        """Arms with Recorder statistics (a single-recorder folder: the default arm)."""
+        return self.arm_dirs or ([self.default_arm] if (self.path / "stats").is_dir() else [])
 
     def stats_dir(self, arm: str) -> Path:
         """Stats folder of an arm."""
@@ -130,12 +140,15 @@ class Run:
     @cached_property
     def metrics(self) -> pd.DataFrame:
         """Training metrics ``step, arm, metric, layer, value`` (empty frame when none)."""
-        if not (self.path / "metrics").is_dir():
-            return pd.DataFrame(columns=["step", "arm", "metric", "layer", "value"])
-        df = load_run(self.path, table="metrics")
+        df = self._load_metrics()
         df["arm"] = df["arm"].astype(str)
         df["layer"] = df["layer"].fillna("").astype(str)
         return df
+
+    def _load_metrics(self) -> pd.DataFrame:
+        if not (self.path / "metrics").is_dir():
+            return pd.DataFrame(columns=["step", "arm", "metric", "layer", "value"])
+        return load_run(self.path, table="metrics")
 
     def _table(self, table: str, **kw) -> pd.DataFrame:
         try:
@@ -158,8 +171,8 @@ class Run:
         return self._table("hist", layers=layers)
 
     def arm_state(self, arm: str) -> dict[str, Any]:
-        """Status of an arm: ``status``, ``diverged_step``, ``last_step`` (from run.json, and the
-        ``diverged`` metric when run.json lacks it)."""
+        """Status of an arm: ``status``, ``diverged_step``, ``last_step`` (from run.json, else from
+        the ``diverged`` metric and the last step with a training loss)."""
         st = dict((self.info.get("arms") or {}).get(arm) or {})
         st.setdefault("status", self.info.get("status", "unknown"))
         st.setdefault("diverged_step", None)
@@ -172,7 +185,9 @@ class Run:
         if st.get("diverged_step") is not None:
             st["status"] = "diverged"
         if st.get("last_step") is None and len(m):
-            s = m.loc[m["arm"] == arm, "step"]
+            mine = m[m["arm"] == arm]
+            s = mine.loc[mine["metric"] == "loss", "step"]  # the training loss is logged at trained steps
+            s = s if len(s) else mine["step"]
             st["last_step"] = int(s.max()) if len(s) else None
         return st
 
@@ -367,8 +382,7 @@ class RunSet:
         """Layer -> statistic names recorded in any run/arm (from recorder.json; cheap)."""
         out: dict[str, set[str]] = {}
         for r in self.runs:
-            arms = r.arm_dirs or ([r.default_arm] if (r.path / "stats").is_dir() else [])
-            for a in arms:
+            for a in r.recorder_arms():
                 meta = r.recorder_meta(a)
                 outputs = set(meta.get("outputs") or [])
                 for layer, info in (meta.get("layers") or {}).items():
@@ -400,22 +414,26 @@ class RunSet:
         return pd.DataFrame(rows, columns=["run", "seed", "arm", "status", "diverged_step", "last_step", *keys])
 
 
-def collect_runs(paths: Iterable[str | Path]) -> RunSet:
-    """Every run folder under ``paths`` (run folders or sweep folders), as a RunSet.
+def collect_runs(paths: Iterable[str | Path], wandb_query: WandbQuery | None = None) -> RunSet:
+    """Every run under ``paths`` (run folders, sweep folders, ``wandb:ENTITY/PROJECT[/RUN_ID]``), as a RunSet.
 
-    Run ids are paths relative to the common parent, so ``sweep/0`` and ``sweep/1`` stay apart.
-    Raises NoRunsError naming the first path without runs."""
-    dirs: list[tuple[Path, Path]] = []
+    Folder run ids are paths relative to the common parent, so ``sweep/0`` and ``sweep/1`` stay
+    apart; wandb run ids are ``PROJECT/RUN_ID``, and ``wandb_query`` selects a project's runs.
+    Raises NoRunsError naming the first path without runs, and WandbSourceError when wandb
+    cannot be read."""
+    from .wandb_source import fetch_runs, is_wandb_path  # imports wandb only when asked to
+
+    dirs: list[Path] = []
+    remote: dict[str, Run] = {}
     for p in paths:
-        root = Path(p)
-        for d in find_run_dirs(root):
-            dirs.append((root, d))
-    seen: dict[Path, None] = {}
-    for _, d in dirs:
-        seen.setdefault(d.resolve(), None)
-    uniq = list(seen)
+        if is_wandb_path(p):
+            for r in fetch_runs(str(p), wandb_query):
+                remote.setdefault(r.info["wandb_path"], r)
+        else:
+            dirs.extend(find_run_dirs(Path(p)))
+    uniq = list(dict.fromkeys(d.resolve() for d in dirs))
     ids = _short_ids(uniq)
-    return RunSet(Run.open(d, i) for d, i in zip(uniq, ids, strict=True))
+    return RunSet([*(Run.open(d, i) for d, i in zip(uniq, ids, strict=True)), *remote.values()])
 
 
 def _short_ids(dirs: list[Path]) -> list[str]:
