@@ -192,6 +192,43 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def reduction_costs(repeats: int) -> list[str]:
+    """Milliseconds to reduce each VGG conv output (mean/var + 34-bin histogram), torch path vs
+    the fused kernel, interleaved, medians; as markdown table lines."""
+    from icsk import kernels
+    from icsk.stats import Reducer, StatSpec
+
+    if not kernels.available():
+        return ["(fused kernels unavailable: numba missing or ICSK_FUSED=0)"]
+    v = vgg_small()
+    outs: dict[str, torch.Tensor] = {}
+    hooks = [mod.register_forward_hook(lambda m, i, o, n=n: outs.__setitem__(n, o.detach().clone()))
+             for n, mod in v.named_modules() if isinstance(mod, nn.Conv2d)]
+    with torch.no_grad():
+        v(torch.randn(128, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    spec = StatSpec(stats=("mean", "var", "hist"), hist_bins=32)
+    paths = {"torch": Reducer(spec, fused=False), "fused": Reducer(spec)}
+    lines = ["| conv output | shape | torch path | fused kernel | speed-up |", "|---|---|---:|---:|---:|"]
+    total = {k: 0.0 for k in paths}
+    for name, out in outs.items():
+        x4 = out.reshape(1, out.shape[0], out.shape[1], -1)
+        times: dict[str, list[float]] = {k: [] for k in paths}
+        for r in range(repeats + 1):
+            for k, red in paths.items():
+                t0 = time.perf_counter()
+                red(x4, (-3.0, 3.0))
+                if r:
+                    times[k].append(time.perf_counter() - t0)
+        t = {k: statistics.median(ts) * 1e3 for k, ts in times.items()}
+        for k in paths:
+            total[k] += t[k]
+        lines.append(f"| {name} | {tuple(out.shape)} | {t['torch']:.1f} ms | {t['fused']:.1f} ms | {t['torch'] / t['fused']:.1f}x |")
+    lines.append(f"| all four | | {total['torch']:.1f} ms | {total['fused']:.1f} ms | {total['torch'] / total['fused']:.1f}x |")
+    return lines
+
+
 def memory_growth(steps: int) -> tuple[float, float]:
     """RSS growth (MB) from step 2000 to ``steps`` while recording the MLP every step."""
     torch.manual_seed(0)
@@ -259,6 +296,10 @@ def main() -> None:
         lines.append(f"Memory: recording {args.memory_steps:,} MLP steps (3 layers, mean/var/3 quantiles, every step) "
                      f"grew resident memory by **{grow:.1f} MB** after step 2,000 (target < 50 MB: {ok}); "
                      f"run folder on disk: {disk:.1f} MB.")
+    if args.only != "mlp":
+        lines += ["", f"Per-step reduction cost of each VGG conv output on the CPU ({torch.get_num_threads()} threads; "
+                  "mean/var + 32-bin histogram, medians of interleaved repeats):", ""]
+        lines += reduction_costs(repeats=max(5, reps))
     table = "\n".join(lines)
     print(table)
     if args.write:
