@@ -342,7 +342,10 @@ class Recorder:
         if slots is not None and x.shape == state.shape and x.device == state.device:
             # fast path: one contiguous copy into the staging slot of this step
             state.last_step = self.current_step
-            slots[len(state.stage_steps)].copy_(self._units_at_1(x))
+            n = len(state.stage_steps)
+            if n == 0:
+                self._await_buffer(state)
+            slots[n].copy_(self._units_at_1(x))
             state.stage_steps.append(self.current_step)
             if len(state.stage_steps) == len(slots):
                 self._reduce_stage(state)
@@ -408,7 +411,7 @@ class Recorder:
         """Hand the filled staging buffer to the reducer thread and switch to the other one.
 
         The reduction (sorting for quantiles, mostly) then overlaps the next training steps;
-        a buffer is refilled only after its previous reduction has finished."""
+        a buffer is refilled only after its previous reduction has finished (:meth:`_await_buffer`)."""
         k = len(state.stage_steps)
         if k == 0:
             return
@@ -419,11 +422,16 @@ class Recorder:
         state.counts.extend([st.shape[1] * st.shape[3]] * k)
         state.stage_steps = []
         state.pending[state.active] = fut
-        other = 1 - state.active
-        if state.pending[other] is not None:
-            state.pending[other].result()
-            state.pending[other] = None
-        state.active = other
+        state.active = 1 - state.active
+
+    @staticmethod
+    def _await_buffer(state: _LayerState) -> None:
+        """Wait until the active staging buffer's previous reduction is done (before refilling
+        it). An interrupted wait leaves it pending, so the next capture waits again."""
+        fut = state.pending[state.active]
+        if fut is not None:
+            fut.result()
+            state.pending[state.active] = None
 
     # ------------------------------------------------------------------ steps and flushing
     def step(self) -> None:
@@ -444,10 +452,12 @@ class Recorder:
 
     def _flush(self) -> None:
         """Hand every pending result to the writer thread, which waits for the reductions,
-        builds the chunk and writes it: the training thread never blocks here."""
+        builds the chunk and writes it. The training thread waits here only for a chunk still
+        being written; a signal during that wait (SIGTERM) loses nothing."""
+        for state in self._states.values():  # may wait for a reducer: nothing is handed over yet
+            self._reduce_stage(state)
         batches = []
         for state in self._states.values():
-            self._reduce_stage(state)
             if state.results:
                 batches.append((state.layer, state.mode, state.steps, state.counts, state.results))
                 state.results, state.steps, state.counts = [], [], []

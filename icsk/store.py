@@ -72,7 +72,7 @@ class ChunkWriter:
     """Appends parquet chunks to a folder, atomically; continues numbering after existing ones.
 
     With ``background=True`` each chunk is encoded and written by one worker thread while the
-    caller goes on; at most one chunk is in flight (memory stays flat), :meth:`wait` joins it."""
+    caller goes on; at most two chunks are held (memory stays flat), :meth:`wait` joins them."""
 
     def __init__(self, folder: str | os.PathLike, background: bool = False):
         self.folder = Path(folder)
@@ -92,15 +92,24 @@ class ChunkWriter:
         if self._pool is None:
             _write_chunk(table, path, before)
         else:
-            self.wait()
-            self._pending = self._pool.submit(_write_chunk, table, path, before)
+            # queue first, then wait for the chunk before it (one worker: chunks stay in order,
+            # at most two are held). A signal arriving during the wait (SIGTERM raises
+            # KeyboardInterrupt) then cannot lose this chunk: close() waits for it.
+            previous, self._pending = self._pending, self._pool.submit(_write_chunk, table, path, before)
+            if previous is not None:
+                previous.result()
         return path
 
     def wait(self) -> None:
-        """Block until the chunk in flight is on disk; re-raises its error, if any."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
+        """Block until the chunks in flight are on disk; re-raises a write error, if any."""
+        pending = self._pending
+        if pending is None:
+            return
+        try:
             pending.result()
+        finally:
+            if pending.done():  # an interrupted wait keeps it, so close() still waits for it
+                self._pending = None
 
 
 def _write_chunk(table: pa.Table | Callable[[], pa.Table], path: Path, before: Callable[[], None] | None) -> None:

@@ -7,16 +7,19 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 import icsk
 from icsk.config import compose
 from icsk.data import DatasetNotFoundError
 from icsk.experiment import ConfigError, run
+from icsk.store import ChunkWriter, read_chunks
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ["experiment=demo", "logger=none", "train.progress=false", "train.log_every=5"]
@@ -108,6 +111,35 @@ def test_signal_flushes_and_marks_interrupted(tmp_path, sig):
     # forward of a step cut short by the signal may be recorded too
     got = sorted(df[df.arm == "bn"].step.unique())
     assert got == list(range(len(got))) and len(got) - 1 in (last, last + 1) and last > 0
+
+
+def test_signal_during_a_chunk_write_loses_no_chunk(tmp_path):
+    """SIGTERM raises KeyboardInterrupt wherever the main thread waits, here for the previous
+    chunk inside write(): the chunk being handed over must still reach the disk."""
+    writer = ChunkWriter(tmp_path, background=True)
+    gate = threading.Event()
+
+    def slow_table():
+        gate.wait(10)
+        return pa.table({"step": [0]})
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        writer.write(slow_table)
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+        with pytest.raises(KeyboardInterrupt):
+            writer.write(pa.table({"step": [1]}))  # waits for the first chunk, is interrupted
+        with pytest.raises(KeyboardInterrupt):
+            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+            writer.wait()  # an interrupted wait keeps what is in flight
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+        gate.set()
+    writer.wait()
+    assert read_chunks(tmp_path).column("step").to_pylist() == [0, 1]
 
 
 def test_bad_inputs_get_clear_messages(tmp_path):
