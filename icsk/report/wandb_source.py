@@ -200,6 +200,18 @@ def _api_record(run: Any) -> dict[str, Any]:
             "summary": dict(run.summary.items()), "history": list(run.scan_history(page_size=HISTORY_PAGE))}
 
 
+def _teardown_wandb(timeout: float = 5.0) -> None:
+    """Shut down wandb's service process, waiting at most ``timeout`` seconds. After a network
+    failure it may still be retrying, and the exit hook wandb registers would wait for it."""
+    import threading
+
+    import wandb
+
+    worker = threading.Thread(target=wandb.teardown, name="icsk-wandb-teardown", daemon=True)
+    worker.start()
+    worker.join(timeout)
+
+
 def fetch_runs(path: str, query: WandbQuery | None = None) -> list[WandbRun]:
     """The runs of a ``wandb:`` input through the public API (``wandb.Api``), each with its full
     history. Raises ValueError (malformed path), WandbSourceError (no login, no network, unknown
@@ -224,6 +236,7 @@ def fetch_runs(path: str, query: WandbQuery | None = None) -> list[WandbRun]:
     except WandbSourceError:
         raise
     except Exception as e:  # wandb raises many kinds (CommError, UsageError, requests/HTTP errors, ValueError)
+        _teardown_wandb()
         detail = (str(e).strip().splitlines() or [""])[0][:300]
         raise WandbSourceError(
             f"cannot read {where} ({type(e).__name__}: {detail}); log in with `wandb login` (or set "
