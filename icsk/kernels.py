@@ -1,11 +1,11 @@
 """Fused one-pass CPU kernels (numba) for the per-unit "scan" statistics of conv activations.
 
 On the CPU, torch computes each statistic as its own pass over the activation (plus a
-single-threaded ``bincount`` for histograms): about 28 ms for a 128x64x32x32 conv output on 2
-cores. :func:`scan` reads each unit's values once, row by row (a row is one sample's S spatial
-values, small enough to stay in L1), and produces mean, var, min, max, frac_sat, frac_zero,
-nonfinite and the histogram together, units split across threads (about 7 ms for the same
-tensor; see reports/benchmarks.md).
+single-threaded ``bincount`` for histograms): about 18 ms for the mean, var and histogram of a
+128x64x32x32 conv output on 2 cores. :func:`scan` reads each unit's values once, row by row (a
+row is one sample's S spatial values, small enough to stay in L1), and produces mean, var, min,
+max, frac_sat, frac_zero, nonfinite and the histogram together, units split across threads
+(about 8 ms for the same tensor; see reports/benchmarks.md).
 
 Numerics: row sums are float32 around a per-unit shift (the mean of the unit's first row),
 accumulated across rows in float64, so the one-pass variance does not cancel. Histogram bins
@@ -132,11 +132,6 @@ if numba is not None:
         C = x.shape[2]
         for j in prange(x.shape[0] * C):
             _unit(x, j // C, j % C, flags, origin, scale, nbins, sat, eps, moments, extra, hist)
-
-
-def applies(x_shape: tuple[int, ...], contiguous: bool, dtype_is_float32: bool, on_cpu: bool) -> bool:
-    """Whether :func:`scan` should reduce a ``[K, N, C, S]`` view of this kind."""
-    return on_cpu and dtype_is_float32 and contiguous and x_shape[3] >= MIN_ROW and available()
 
 
 def scan(x: np.ndarray, *, min_max: bool, sat: float | None, zero_eps: float | None, nonfinite: bool,

@@ -110,14 +110,25 @@ class Reducer:
         spec, stats = self.spec, self.spec.stats
         if x.dim() != 4:
             raise ValueError(f"expected a [K, N, C, S] view, got shape {tuple(x.shape)}")
+        if "hist" in stats and edges is None:
+            raise ValueError("histogram requested without a range")
         if x.dtype != torch.float32:  # reduce in float32 even for fp16/bf16 activations
             xf = self._buf("xf", tuple(x.shape), torch.float32, x.device)
             xf.copy_(x)
             x, sortable = xf, True
+        fused = (self.fused and x.device.type == "cpu" and x.is_contiguous() and x.shape[3] >= kernels.MIN_ROW
+                 and kernels.available())
+        out = self._scan_fused(x, edges) if fused else self._scan_torch(x, edges)
+        if "quantiles" in stats:  # last: sorting may reorder a staging buffer in place
+            for q, v in zip(spec.quantiles, self._quantiles(x, sortable), strict=True):
+                out[quantile_name(q)] = v
+        return out
+
+    def _scan_torch(self, x: torch.Tensor, edges) -> dict[str, torch.Tensor]:
+        """Every statistic but the quantiles with torch ops, one pass each, into scratch buffers."""
+        spec, stats = self.spec, self.spec.stats
         K, N, C, S = x.shape
         m = N * S
-        if self.fused and x.device.type == "cpu" and x.is_contiguous() and S >= kernels.MIN_ROW and kernels.available():
-            return self._reduce_fused(x, edges, sortable)
         out: dict[str, torch.Tensor] = {}
         need_t = any(s in stats for s in ("var", "frac_sat", "frac_zero", "nonfinite", "hist"))
         t = self._buf("t", tuple(x.shape), torch.float32, x.device) if need_t else None
@@ -147,34 +158,21 @@ class Reducer:
             torch.sub(x, x, out=t)  # NaN exactly where x is +-inf or NaN
             out["nonfinite"] = torch.ne(t, t, out=mask).sum(dims, dtype=torch.float32).view(K, C)
         if "hist" in stats:
-            if edges is None:
-                raise ValueError("histogram requested without a range")
             # on the CPU a finite per-unit sum proves the batch NaN-free (NaN and inf propagate)
             maybe_nan = not (x.device.type == "cpu" and mean_known and bool(torch.isfinite(mean).all()))
             out["hist"] = self._histogram(x, t, edges, maybe_nan)
-        if "quantiles" in stats:
-            for q, v in zip(spec.quantiles, self._quantiles(x, sortable), strict=True):
-                out[quantile_name(q)] = v
         return out
 
-    def _reduce_fused(self, x: torch.Tensor, edges, sortable: bool) -> dict[str, torch.Tensor]:
+    def _scan_fused(self, x: torch.Tensor, edges) -> dict[str, torch.Tensor]:
         """Every statistic but the quantiles in one fused pass (:func:`icsk.kernels.scan`)."""
         spec, stats = self.spec, self.spec.stats
-        if "hist" in stats and edges is None:
-            raise ValueError("histogram requested without a range")
-        hist = self._hist_transform(edges) if "hist" in stats else None
         res = kernels.scan(x.numpy(), min_max="min" in stats or "max" in stats,
                            sat=spec.sat_threshold if "frac_sat" in stats else None,
                            zero_eps=spec.zero_eps if "frac_zero" in stats else None,
-                           nonfinite="nonfinite" in stats, hist=hist,
+                           nonfinite="nonfinite" in stats,
+                           hist=self._hist_transform(edges) if "hist" in stats else None,
                            threads=self.threads or torch.get_num_threads())
-        out = {s: torch.from_numpy(res[s]) for s in SCALAR_STATS if s in stats and s in res}
-        if "hist" in stats:
-            out["hist"] = torch.from_numpy(res["hist"])
-        if "quantiles" in stats:
-            for q, v in zip(spec.quantiles, self._quantiles(x, sortable), strict=True):
-                out[quantile_name(q)] = v
-        return out
+        return {s: torch.from_numpy(v) for s, v in res.items() if s in stats}
 
     def _hist_transform(self, edges: tuple[float, float]) -> tuple[float, float, int]:
         """``(origin, scale, B)``: value v lies in bin clamp(int((v - origin) * scale), 0, B+1).
