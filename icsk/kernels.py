@@ -1,4 +1,5 @@
-"""Fused one-pass CPU kernels (numba) for the per-unit "scan" statistics of conv activations.
+"""Fused CPU kernels (numba): per-unit statistics of conv activations in one pass, and of
+dense activations (one value per unit and sample) with quantiles from a sorting network.
 
 On the CPU, torch computes each statistic as its own pass over the activation (plus a
 single-threaded ``bincount`` for histograms): about 18 ms for the mean, var and histogram of a
@@ -12,18 +13,29 @@ accumulated across rows in float64, so the one-pass variance does not cancel. Hi
 use exactly the float32 operations of :meth:`icsk.stats.Reducer._histogram`, so both paths put
 every value in the same bin. NaN propagates to mean/var/min/max like torch's reductions.
 
+:func:`scan_lanes` handles the other common case, activations of shape (N, C) such as an MLP's
+(``S == 1``): a unit's N values are strided by C, so it works on units as SIMD lanes instead. The
+K stacked steps are transposed to [N, K*C] (unit j of step k is lane k*C + j), every statistic is
+a pass over rows vectorised across lanes, and quantiles come from a Batcher odd-even merge
+sorting network (pruned to the order statistics the quantiles need) applied to all lanes at
+once: about 6 us per step for 100 units of a batch of 60, against 17 us for a transposing copy
+and NumPy's SIMD sort of each unit's row.
+
 numba is optional: without it (or with ``ICSK_FUSED=0``) icsk uses the torch path. Kernels
 compile on first use (a few seconds, cached on disk afterwards).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 
 import numpy as np
 
 MIN_ROW = 16  # rows (spatial positions per sample) shorter than this stay on the torch path
+MAX_NETWORK_ROWS = 256  # scan_lanes sorts up to this many values per unit with a network
+_LANE_BLOCK = 512  # lanes per block: N x 512 float32 values stay in L2
 _parallel_lock = threading.Lock()  # numba's default threading layer must not run two parallel kernels at once
 
 
@@ -51,6 +63,13 @@ if numba is not None:
             a1 += d
             a2 += d * d
         return a1, a2
+
+    @njit(cache=True, nogil=True, inline="always")
+    def _bin(v, origin, scale, top, drop):  # pragma: no cover - compiled
+        """Histogram bin of v: the same float32 ops as the torch path; NaN -> ``drop``."""
+        t = (v - origin) * scale
+        t = min(max(t, np.float32(0.0)), top)
+        return np.int32(t) if t == t else drop
 
     @njit(cache=True, nogil=True)
     def _unit(x, k, c, flags, origin, scale, nbins, sat, eps, moments, extra, hist):  # pragma: no cover - compiled
@@ -101,9 +120,7 @@ if numba is not None:
                         n_zero += 1
             if want_hist:
                 for i in range(S):
-                    t = (row[i] - origin) * scale  # the same float32 ops as the torch path
-                    t = min(max(t, np.float32(0.0)), top)
-                    codes[i] = np.int32(t) if t == t else drop
+                    codes[i] = _bin(row[i], origin, scale, top, drop)
                 for i in range(S):  # four sub-histograms: neighbours rarely hit the same counter
                     sub[i & 3, codes[i]] += 1
         m = N * S
@@ -133,6 +150,98 @@ if numba is not None:
         for j in prange(x.shape[0] * C):
             _unit(x, j // C, j % C, flags, origin, scale, nbins, sat, eps, moments, extra, hist)
 
+
+    @njit(cache=True, nogil=True)
+    def _scan_lane_blocks(t, comps, qlo, qhi, qfrac, flags, origin, scale, nbins, sat, eps,
+                          moments, extra, hist, quant):  # pragma: no cover - compiled
+        """Statistics of every lane (column) of each block ``t[b]`` [N, W]; lane i of block b
+        is output row b*W + i. Sorts each block's columns in place (partially: ``comps``)."""
+        want_min_max, want_sat, want_zero, want_hist = flags[0], flags[1], flags[2], flags[4]
+        nb, N, W = t.shape
+        f0 = np.float32(0.0)
+        top = np.float32(nbins + 1)
+        drop = nbins + 2
+        s1 = np.empty(W, np.float32)
+        s2 = np.empty(W, np.float32)
+        mean = np.empty(W, np.float32)
+        mn = np.empty(W, np.float32)
+        mx = np.empty(W, np.float32)
+        n_nan = np.empty(W, np.int32)
+        n_inf = np.empty(W, np.int32)
+        n_sat = np.empty(W, np.int32)
+        n_zero = np.empty(W, np.int32)
+        for b in range(nb):
+            blk = t[b]
+            o = b * W
+            s1[:] = 0.0
+            s2[:] = 0.0
+            mn[:] = np.inf
+            mx[:] = -np.inf
+            n_nan[:] = 0
+            n_inf[:] = 0
+            n_sat[:] = 0
+            n_zero[:] = 0
+            for n in range(N):  # pass 1: sums and counts, vectorised across lanes
+                r = blk[n]
+                for i in range(W):
+                    s1[i] += r[i]
+                if want_min_max:
+                    for i in range(W):
+                        mn[i] = min(mn[i], r[i])
+                        mx[i] = max(mx[i], r[i])
+                if want_sat:
+                    for i in range(W):
+                        n_sat[i] += abs(r[i]) > sat
+                if want_zero:
+                    for i in range(W):
+                        n_zero[i] += abs(r[i]) <= eps
+                if want_hist:
+                    for i in range(W):
+                        hist[o + i, _bin(r[i], origin, scale, top, drop)] += 1
+            finite = True  # NaN and inf propagate into the sum: a finite sum proves a finite lane
+            for i in range(W):
+                finite &= np.isfinite(s1[i])
+            if not finite:
+                for n in range(N):
+                    r = blk[n]
+                    for i in range(W):
+                        v = r[i]
+                        n_nan[i] += v != v
+                        n_inf[i] += abs(v) == np.inf
+            for i in range(W):
+                mean[i] = s1[i] / np.float32(N)
+            for n in range(N):  # pass 2: centred sum of squares (no cancellation)
+                r = blk[n]
+                for i in range(W):
+                    d = r[i] - mean[i]
+                    s2[i] += d * d
+            for i in range(W):
+                moments[o + i, 0] = mean[i]
+                moments[o + i, 1] = s2[i] / np.float32(N - 1) if N > 1 else np.nan
+                bad = n_nan[i] > 0
+                extra[o + i, 0] = np.nan if bad else mn[i]
+                extra[o + i, 1] = np.nan if bad else mx[i]
+                extra[o + i, 2] = n_sat[i] / N
+                extra[o + i, 3] = n_zero[i] / N
+                extra[o + i, 4] = n_nan[i] + n_inf[i]
+            for p in range(comps.shape[0]):  # the sorting network, all lanes at once
+                a = blk[comps[p, 0]]
+                c = blk[comps[p, 1]]
+                for i in range(W):
+                    u = a[i]
+                    v = c[i]
+                    lt = v < u
+                    # "+ 0" keeps LLVM from turning the stores into masked stores (slow on
+                    # AMD); it only turns -0.0 into +0.0
+                    a[i] = (v if lt else u) + f0
+                    c[i] = (u if lt else v) + f0
+            for j in range(qlo.shape[0]):
+                lo = blk[qlo[j]]
+                hi = blk[qhi[j]]
+                f = qfrac[j]
+                for i in range(W):
+                    v = lo[i] + (hi[i] - lo[i]) * f if f > f0 else lo[i]
+                    quant[o + i, j] = np.nan if n_nan[i] > 0 else v
 
 def scan(x: np.ndarray, *, min_max: bool, sat: float | None, zero_eps: float | None, nonfinite: bool,
          hist: tuple[float, float, int] | None, threads: int = 1) -> dict[str, np.ndarray]:
@@ -175,3 +284,107 @@ def scan(x: np.ndarray, *, min_max: bool, sat: float | None, zero_eps: float | N
     if hist is not None:
         out["hist"] = counts
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def sorting_network(n: int, ranks: tuple[int, ...] | None = None) -> np.ndarray:
+    """Comparators ``[P, 2]`` (i < j: min to i, max to j) of Batcher's odd-even merge sort of
+    ``n`` values; with ``ranks``, only those that the order statistics at ``ranks`` depend on.
+
+    The network for the next power of two is cut to ``n`` inputs by dropping every comparator
+    that touches an index >= n (as if those held +inf, which no comparator moves)."""
+    size = 1
+    while size < n:
+        size *= 2
+    comps = []
+    p = 1
+    while p < size:
+        k = p
+        while k >= 1:
+            for j in range(k % p, size - k, 2 * k):
+                for i in range(min(k, size - j - k)):
+                    a, b = i + j, i + j + k
+                    if a // (2 * p) == b // (2 * p) and b < n:
+                        comps.append((a, b))
+            k //= 2
+        p *= 2
+    if ranks is not None:  # walk backwards, keeping comparators that feed a needed position
+        needed, kept = set(ranks), []
+        for a, b in reversed(comps):
+            if a in needed or b in needed:
+                kept.append((a, b))
+                needed.update((a, b))
+        comps = kept[::-1]
+    return np.array(comps, dtype=np.int64).reshape(-1, 2)
+
+
+def quantile_positions(m: int, quantiles) -> tuple[list[int], list[int], list[float]]:
+    """Order statistics and weights of linear-interpolation quantiles (NumPy's default) of m
+    values: quantile q = v[lo] + (v[hi] - v[lo]) * frac."""
+    pos = [q * (m - 1) for q in quantiles]
+    lo = [int(np.floor(p)) for p in pos]
+    hi = [min(i + 1, m - 1) for i in lo]
+    return lo, hi, [p - i for p, i in zip(pos, lo, strict=True)]
+
+
+def scan_lanes(x: np.ndarray, *, quantiles, min_max: bool, sat: float | None, zero_eps: float | None,
+               hist: tuple[float, float, int] | None, scratch: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Per-unit statistics of a float32 array ``x`` [K, N, C] (one value per unit and sample):
+    the outputs of :func:`scan` plus ``q{q}`` for each of ``quantiles``, each [K, C].
+
+    ``N`` must be at most :data:`MAX_NETWORK_ROWS`. ``scratch``: a float32 buffer of at least
+    ``scratch_size(x.shape)`` values to reuse (for the transposed copy)."""
+    if not available():
+        raise RuntimeError("fused kernels unavailable: install numba (pip install numba) or unset ICSK_FUSED=0")
+    K, N, C = x.shape
+    if N > MAX_NETWORK_ROWS:
+        raise ValueError(f"scan_lanes sorts at most {MAX_NETWORK_ROWS} values per unit, got {N}")
+    kb, nb = _lane_blocks(K, C)
+    size = nb * N * kb * C
+    t = (scratch[:size] if scratch is not None and scratch.size >= size else np.empty(size, np.float32))
+    t = t.reshape(nb, N, kb, C)
+    full = K // kb  # transpose to blocks of kb steps: t[b, n, s, c] = x[b*kb + s, n, c]
+    t[:full] = x[: full * kb].reshape(full, kb, N, C).transpose(0, 2, 1, 3)
+    if full < nb:
+        rest = K - full * kb
+        t[full, :, :rest] = x[full * kb:].transpose(1, 0, 2)
+        t[full, :, rest:] = 0.0
+    qs = tuple(quantiles)
+    lo, hi, frac = quantile_positions(N, qs)
+    comps = sorting_network(N, tuple(sorted(set(lo + hi)))) if qs else np.zeros((0, 2), np.int64)
+    nbins = hist[2] if hist is not None else 0
+    lanes = nb * kb * C
+    moments = np.empty((lanes, 2), np.float32)
+    extra = np.empty((lanes, 5), np.float32)
+    counts = np.zeros((lanes, nbins + 3), np.float32)  # the last column takes NaN, dropped
+    quant = np.empty((lanes, len(qs)), np.float32)
+    flags = np.array([min_max, sat is not None, zero_eps is not None, True, hist is not None])
+    _scan_lane_blocks(t.reshape(nb, N, kb * C), comps, np.array(lo, np.int64), np.array(hi, np.int64),
+                      np.array(frac, np.float32), flags, np.float32(hist[0] if hist else 0.0),
+                      np.float32(hist[1] if hist else 1.0), nbins,
+                      np.float32(sat if sat is not None else np.inf),
+                      np.float32(zero_eps if zero_eps is not None else -1.0), moments, extra, counts, quant)
+    n = K * C
+    out = {"mean": moments[:n, 0].reshape(K, C), "var": moments[:n, 1].reshape(K, C)}
+    for name, col, want in (("min", 0, min_max), ("max", 1, min_max), ("frac_sat", 2, sat is not None),
+                            ("frac_zero", 3, zero_eps is not None), ("nonfinite", 4, True)):
+        if want:
+            out[name] = extra[:n, col].reshape(K, C)
+    if hist is not None:
+        out["hist"] = counts[:n, : nbins + 2].reshape(K, C, nbins + 2)
+    for j, q in enumerate(qs):
+        out[f"q{q:g}"] = quant[:n, j].reshape(K, C)
+    return out
+
+
+def _lane_blocks(K: int, C: int) -> tuple[int, int]:
+    """(steps per lane block, number of blocks): a block holds whole steps, ~_LANE_BLOCK lanes."""
+    kb = max(1, min(K, _LANE_BLOCK // C))
+    return kb, -(-K // kb)
+
+
+def scratch_size(shape: tuple[int, int, int]) -> int:
+    """Float32 values :func:`scan_lanes` needs for its transposed copy of an array of ``shape``."""
+    K, N, C = shape
+    kb, nb = _lane_blocks(K, C)
+    return nb * N * kb * C

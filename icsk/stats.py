@@ -12,7 +12,10 @@ histograms). Speed notes, measured on a 2-core CPU (see reports/benchmarks.md):
 * ``torch.sort`` over many short rows is ~9x slower than NumPy's SIMD sort on the CPU, so
   quantiles sort with NumPy there (zero-copy view, same memory) and with torch on GPUs;
 * conv activations on the CPU (rows of >= 16 spatial values) get every statistic but the
-  quantiles from one fused pass (:mod:`icsk.kernels`, numba) instead of one pass per statistic.
+  quantiles from one fused pass (:mod:`icsk.kernels`, numba) instead of one pass per statistic;
+* dense activations on the CPU (one value per unit and sample, batches up to 256) get every
+  statistic, quantiles included, from :func:`icsk.kernels.scan_lanes`, which treats units as
+  SIMD lanes and selects the quantiles' order statistics with a sorting network.
 """
 
 from __future__ import annotations
@@ -116,8 +119,10 @@ class Reducer:
             xf = self._buf("xf", tuple(x.shape), torch.float32, x.device)
             xf.copy_(x)
             x, sortable = xf, True
-        fused = (self.fused and x.device.type == "cpu" and x.is_contiguous() and x.shape[3] >= kernels.MIN_ROW
-                 and kernels.available())
+        on_cpu = self.fused and x.device.type == "cpu" and kernels.available()
+        if on_cpu and x.shape[3] == 1 and x.shape[1] <= kernels.MAX_NETWORK_ROWS:
+            return self._scan_lanes(x, edges)
+        fused = on_cpu and x.is_contiguous() and x.shape[3] >= kernels.MIN_ROW
         out = self._scan_fused(x, edges) if fused else self._scan_torch(x, edges)
         if "quantiles" in stats:  # last: sorting may reorder a staging buffer in place
             for q, v in zip(spec.quantiles, self._quantiles(x, sortable), strict=True):
@@ -173,6 +178,22 @@ class Reducer:
                            hist=self._hist_transform(edges) if "hist" in stats else None,
                            threads=self.threads or torch.get_num_threads())
         return {s: torch.from_numpy(v) for s, v in res.items() if s in stats}
+
+    def _scan_lanes(self, x: torch.Tensor, edges) -> dict[str, torch.Tensor]:
+        """Every statistic, quantiles included, of a [K, N, C, 1] view with units as SIMD lanes
+        (:func:`icsk.kernels.scan_lanes`)."""
+        spec, stats = self.spec, self.spec.stats
+        K, N, C, _ = x.shape
+        scratch = self._buf("lanes", (kernels.scratch_size((K, N, C)),), torch.float32, x.device)
+        res = kernels.scan_lanes(x.select(3, 0).numpy(),
+                                 quantiles=spec.quantiles if "quantiles" in stats else (),
+                                 min_max="min" in stats or "max" in stats,
+                                 sat=spec.sat_threshold if "frac_sat" in stats else None,
+                                 zero_eps=spec.zero_eps if "frac_zero" in stats else None,
+                                 hist=self._hist_transform(edges) if "hist" in stats else None,
+                                 scratch=scratch.numpy())
+        wanted = set(spec.output_names())
+        return {s: torch.from_numpy(v) for s, v in res.items() if s in wanted}
 
     def _hist_transform(self, edges: tuple[float, float]) -> tuple[float, float, int]:
         """``(origin, scale, B)``: value v lies in bin clamp(int((v - origin) * scale), 0, B+1).

@@ -15,6 +15,7 @@ from test_recorder import QS, reference
 pytestmark = [
     pytest.mark.skipif(not kernels.available(), reason="numba not installed (fused kernels off)"),
     pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),  # the reference on NaN/inf
+    pytest.mark.filterwarnings("ignore:Degrees of freedom:RuntimeWarning"),  # var of one value
 ]
 
 EDGES = (-2.0, 2.5)
@@ -121,3 +122,93 @@ def test_parallel_kernels_from_several_threads_are_safe():
     for i in range(4):
         for stat, v in want[i].items():
             torch.testing.assert_close(got[i][stat], v, rtol=0, atol=0, equal_nan=True, msg=stat)
+
+
+# ---------------------------------------------------------------- dense activations (S == 1)
+def awkward_dense(k: int, n: int, c: int, seed: int = 0, at_edges: bool = False) -> torch.Tensor:
+    """[K, N, C, 1] values with NaN, +-inf (at the extremes of a unit: NumPy's interpolation
+    between a finite value and inf gives NaN or inf depending on the side), exact zeros and
+    ties; ``at_edges`` fills step 0
+    with the bin edges and their float32 neighbours."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(k, n, c, 1, generator=g) * 2 + 0.3).round(decimals=1)  # rounding makes ties
+    if at_edges:
+        edges = torch.linspace(*EDGES, BINS + 1)
+        near = torch.cat([edges, torch.nextafter(edges, edges + 1), torch.nextafter(edges, edges - 1)])
+        flat = x[0].view(-1)
+        flat[: min(len(near), flat.numel())] = near[: flat.numel()]
+    x[-1, :, c - 1] = 0.0
+    x[0, 0, 1 % c] = float("nan")
+    if n > 1:  # (np.quantile of a lone inf is NaN: its interpolation computes inf - inf)
+        x[-1, n - 1, 0] = float("inf")
+        x[-1, 0, 0] = -float("inf")
+    return x
+
+
+@pytest.mark.parametrize("n", [*range(1, 70), 100, 127, 128, 129, 255, 256])
+def test_sorting_network_sorts_and_pruned_networks_select(n):
+    """Every comparator list sorts random inputs with many ties (and 0/1 inputs, whose sorting
+    proves a network by the 0-1 principle when all are tried); pruned ones give the ranks."""
+    rng = np.random.default_rng(n)
+    trials = np.concatenate([rng.integers(0, 4, (n, 300)), rng.integers(0, 2, (n, 300)),
+                             rng.standard_normal((n, 100))], axis=1)
+    ranks = tuple(sorted({0, n // 7, n // 2, n - 1}))
+    want = np.sort(trials, axis=0)
+    for comps, check in ((kernels.sorting_network(n), slice(None)), (kernels.sorting_network(n, ranks), list(ranks))):
+        v = trials.copy()
+        for a, b in comps:
+            lo, hi = np.minimum(v[a], v[b]), np.maximum(v[a], v[b])
+            v[a], v[b] = lo, hi
+        np.testing.assert_array_equal(v[check], want[check])
+    if n > 8:
+        assert len(kernels.sorting_network(n, ranks)) < len(kernels.sorting_network(n))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (3, 2, 5), (7, 60, 100), (2, 37, 600), (1, 256, 4), (130, 9, 2)])
+def test_lanes_kernel_matches_float64_reference(shape):
+    """Dense (N, C) activations, K stacked steps: every statistic, quantiles included."""
+    k_, n, c = shape
+    x = awkward_dense(*shape)
+    spec = StatSpec(stats=ALL_STATS, quantiles=QS, hist_bins=BINS, sat_threshold=1.5)
+    out = Reducer(spec)(x, EDGES)
+    assert out["hist"].shape == (k_, c, BINS + 2) and out["q0.5"].shape == (k_, c)
+    for k in range(k_):
+        ref = ref_of(x, k)
+        for stat in SCALAR:
+            if n == 1 and stat == "var":
+                assert out[stat][k].isnan().all()
+                continue
+            np.testing.assert_allclose(out[stat][k].double().numpy(), ref[stat], rtol=2e-5, atol=2e-5,
+                                       equal_nan=True, err_msg=f"{stat} step {k}")
+        np.testing.assert_array_equal(out["hist"][k].numpy(), ref["hist"], err_msg=f"hist step {k}")
+
+
+def test_lanes_kernel_and_torch_path_agree_exactly():
+    """Same order statistics, same float32 interpolation, same bin arithmetic."""
+    x = awkward_dense(5, 48, 40, seed=4, at_edges=True)
+    spec = StatSpec(stats=ALL_STATS, quantiles=(0.0, 0.1, *QS, 0.99, 1.0), hist_bins=BINS)
+    lanes, plain = Reducer(spec)(x, EDGES), Reducer(spec, fused=False)(x, EDGES)
+    assert lanes.keys() == plain.keys()
+    for stat in lanes:
+        if stat in ("mean", "var"):
+            torch.testing.assert_close(lanes[stat], plain[stat], rtol=1e-5, atol=1e-6, equal_nan=True)
+        else:
+            torch.testing.assert_close(lanes[stat], plain[stat], rtol=0, atol=0, equal_nan=True, msg=stat)
+
+
+def test_lanes_kernel_leaves_its_input_and_skips_large_batches(monkeypatch):
+    x = awkward_dense(3, 20, 7)
+    before = x.clone()
+    out = Reducer(StatSpec(stats=("mean", "quantiles")))(x)
+    assert set(out) == {"mean", *(f"q{q:g}" for q in QS)}
+    torch.testing.assert_close(x, before, rtol=0, atol=0, equal_nan=True)
+
+    def boom(*a, **k):
+        raise AssertionError("lanes kernel used")
+
+    monkeypatch.setattr(kernels, "scan_lanes", boom)
+    spec = StatSpec(stats=("mean", "quantiles"))
+    Reducer(spec)(torch.randn(2, kernels.MAX_NETWORK_ROWS + 1, 3, 1))  # a network that large is not worth it
+    Reducer(spec, fused=False)(x)
+    with pytest.raises(AssertionError, match="lanes kernel used"):
+        Reducer(spec)(x)
