@@ -31,7 +31,7 @@ from torch import nn
 from .background import background_pool
 from .schedule import Schedule
 from .stats import ALL_STATS, DEFAULT_STATS, Reducer, StatSpec
-from .store import ChunkWriter, read_histograms, read_stats, write_json_atomic
+from .store import ChunkWriter, read_histograms, read_stats, values_column, write_json_atomic
 
 LayerSelector = str | type | Callable[[str, nn.Module], bool]
 MODES = ("train", "eval")
@@ -104,13 +104,13 @@ def _chunk_table(batches: list) -> pa.Table:
             arr = torch.cat([r[stat] for r in results]).cpu().numpy().astype(np.float32, copy=False)
             add(steps, arr.reshape(len(steps), -1), mode=mode, layer=layer, stat=stat)
         add(steps, np.asarray(counts, dtype=np.float32).reshape(-1, 1), mode=mode, layer=layer, stat="count")
-    widths = np.concatenate([np.full(a.shape[0], a.shape[1], dtype=np.int32) for a in values])
-    offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int32)
+    widths = np.concatenate([np.full(a.shape[0], a.shape[1], dtype=np.int64) for a in values])
+    offsets = np.concatenate([[0], np.cumsum(widths)])
     flat = np.concatenate([a.reshape(-1) for a in values])
     table = {"step": pa.array(np.concatenate(steps_col))}
     for key, names in labels.items():
         table[key] = pa.DictionaryArray.from_arrays(np.concatenate(codes[key]), list(names)).cast(pa.string())
-    table["values"] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+    table["values"] = values_column(flat, offsets)
     return pa.table(table)
 
 

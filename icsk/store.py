@@ -7,8 +7,13 @@ Layout of a run folder::
     stats/                        a single Recorder's statistics ...
     arms/<arm>/stats/             ... or one folder per arm of a paired run
         recorder.json             layers, units, statistic names, histogram edges
-        chunk-000000.parquet      rows (step, mode, layer, stat, values: list<float32>)
+        chunk-000000.parquet      rows (step, mode, layer, stat, values: float32 bytes)
     metrics/chunk-*.parquet       long table: step, arm, metric, layer, value
+
+A row's ``values`` are one layer's per-unit results of one statistic at one step, stored as the
+little-endian float32 bytes of the array (``np.frombuffer(v, "<f4")``): about 4x cheaper to
+write than a parquet list column, which matters because chunks are written while training runs.
+Folders written with the older ``list<float32>`` column read the same.
 
 Every chunk is written to a temporary file and renamed, so a killed process leaves whole
 chunks only; ``load_run`` reads finished and interrupted folders alike.
@@ -39,7 +44,7 @@ STATS_SCHEMA = pa.schema(
         ("mode", pa.string()),
         ("layer", pa.string()),
         ("stat", pa.string()),
-        ("values", pa.list_(pa.float32())),
+        ("values", pa.large_binary()),  # float32 little-endian bytes
     ]
 )
 METRICS_COLUMNS = {"step": "int64", "arm": "object", "metric": "object", "layer": "object", "value": "float64"}
@@ -126,6 +131,33 @@ def _write_chunk(table: pa.Table | Callable[[], pa.Table], path: Path, before: C
     os.replace(tmp, path)
 
 
+def values_column(flat: np.ndarray, offsets: np.ndarray) -> pa.Array:
+    """The ``values`` column: row i holds ``flat[offsets[i]:offsets[i + 1]]`` as float32 bytes."""
+    data = np.ascontiguousarray(flat, dtype="<f4")
+    byte_offsets = np.asarray(offsets, dtype=np.int64) * 4
+    return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(byte_offsets) - 1,
+                                            [None, pa.py_buffer(byte_offsets), pa.py_buffer(data)])
+
+
+def flat_values(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """``(flat float32 values, start of each row in them)``, plus the end: row i is
+    ``flat[starts[i]:starts[i + 1]]``; reads the float32-bytes column and the older list column."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+        lengths = np.asarray(arr.value_lengths().to_numpy(zero_copy_only=False), dtype=np.int64)
+        flat = np.asarray(arr.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+        return flat, np.concatenate([[0], np.cumsum(lengths)])
+    arr = arr.cast(pa.large_binary())
+    n = len(arr)
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset: arr.offset + n + 1]
+    if n == 0:
+        return np.zeros(0, np.float32), np.zeros(1, np.int64)
+    data = arr.buffers()[2]
+    first = int(offsets[0])
+    flat = np.frombuffer(data, dtype="<f4", count=(int(offsets[-1]) - first) // 4, offset=first)
+    return flat.astype(np.float32, copy=False), (offsets - first) // 4
+
+
 def chunk_files(folder: str | os.PathLike) -> list[Path]:
     """The whole chunks in a folder, in write order (temporary files are ignored)."""
     return sorted(Path(folder).glob(CHUNK_GLOB))
@@ -137,9 +169,14 @@ def read_chunks(folder: str | os.PathLike, filters=None, columns: Sequence[str] 
     tables = []
     for path in chunk_files(folder):
         try:
-            tables.append(pq.read_table(path, filters=filters, columns=columns))
+            table = pq.read_table(path, filters=filters, columns=columns)
         except (pa.ArrowInvalid, OSError) as e:
             raise RunFolderError(f"{path}: unreadable parquet chunk ({e}); delete it to load the rest") from None
+        if "values" in table.column_names and not pa.types.is_large_binary(table.schema.field("values").type):
+            flat, starts = flat_values(table.column("values"))  # an older list chunk: one type to concatenate
+            i = table.column_names.index("values")
+            table = table.set_column(i, "values", values_column(flat, starts))
+        tables.append(table)
     if not tables:
         return None
     return pa.concat_tables(tables, promote_options="default")
@@ -180,11 +217,9 @@ def explode_stats(table: pa.Table | None, keep_mode: bool = False) -> pd.DataFra
     """Long frame ``step, layer, stat, unit, value`` (+ ``mode``) from stored list rows."""
     if table is None or table.num_rows == 0:
         return _empty_frame({**LONG_COLUMNS, **({"mode": "category"} if keep_mode else {})})
-    values = table.column("values").combine_chunks()
-    lengths = np.asarray(values.value_lengths().to_numpy(zero_copy_only=False), dtype=np.int64)
-    flat = np.asarray(values.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
-    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
-    unit = np.arange(flat.size, dtype=np.int64) - starts
+    flat, offsets = flat_values(table.column("values"))
+    lengths = np.diff(offsets)
+    unit = np.arange(flat.size, dtype=np.int64) - np.repeat(offsets[:-1], lengths)
     stat = table.column("stat").to_numpy(zero_copy_only=False)
     whole_layer = np.isin(stat, list(LAYER_STATS))
     unit = np.where(np.repeat(whole_layer, lengths), -1, unit)
@@ -237,18 +272,22 @@ def read_histograms(stats_dir: str | os.PathLike, layers=None, steps=None, mode:
     if table is None or table.num_rows == 0:
         return pd.DataFrame(columns=cols)
     frames = []
-    df = table.to_pandas()
-    for layer, g in df.groupby("layer", sort=False):
+    flat, offsets = flat_values(table.column("values"))
+    layer_of = table.column("layer").to_numpy(zero_copy_only=False)
+    step_of = table.column("step").to_numpy()
+    for layer in pd.unique(layer_of):
+        rows = np.flatnonzero(layer_of == layer)
         edges = np.asarray(meta["layers"][layer]["hist_edges"], dtype=np.float64)
         nb = edges.size + 1
-        counts = np.stack(g["values"].to_numpy()).reshape(len(g), -1, nb)
+        width = int(offsets[rows[0] + 1] - offsets[rows[0]])  # units x bins, the same in every row
+        counts = flat[offsets[rows][:, None] + np.arange(width)].reshape(len(rows), -1, nb)
         k, c, _ = counts.shape
         left = np.concatenate([[-np.inf], edges])
         right = np.concatenate([edges, [np.inf]])
         frames.append(
             pd.DataFrame(
                 {
-                    "step": np.repeat(g["step"].to_numpy(), c * nb),
+                    "step": np.repeat(step_of[rows], c * nb),
                     "layer": layer,
                     "unit": np.tile(np.repeat(np.arange(c), nb), k),
                     "bin": np.tile(np.arange(nb), k * c),

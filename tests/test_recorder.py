@@ -295,6 +295,33 @@ def test_streams_chunks_to_run_folder_and_load_run_reads_them(tmp_path):
     assert sorted(sub.step.unique()) == [2, 3, 4] and set(sub.stat.unique()) == {"q0.5"}
 
 
+def test_values_are_float32_bytes_and_older_list_chunks_read_the_same(tmp_path):
+    """A chunk's values column is float32 bytes; a folder that also holds a chunk in the older
+    list<float32> layout (say, resumed by a newer icsk) reads back as one frame."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4))
+    with icsk.Recorder(model, layers=["0"], stats=["mean", "var", "hist"], hist_range=(-1, 1), hist_bins=3,
+                       path=tmp_path, flush_every=3) as rec:
+        for _ in range(6):
+            model(torch.randn(7, 5))
+            rec.step()
+    want, want_hist = load_run(tmp_path), load_run(tmp_path, "hist")
+    first = sorted((tmp_path / "stats").glob("chunk-*.parquet"))[0]
+    table = pq.read_table(first)
+    assert table.schema.field("values").type == pa.large_binary()
+    row = table.filter(pa.compute.equal(table.column("stat"), "mean")).column("values")[0].as_py()
+    step0 = want[(want.step == 0) & (want.stat == "mean")].sort_values("unit")["value"].to_numpy()
+    np.testing.assert_array_equal(np.frombuffer(row, "<f4"), step0)
+    as_lists = [np.frombuffer(v.as_py(), "<f4").tolist() for v in table.column("values")]
+    old = table.set_column(table.column_names.index("values"), "values", pa.array(as_lists, pa.list_(pa.float32())))
+    pq.write_table(old, first)
+    pd.testing.assert_frame_equal(load_run(tmp_path), want)
+    pd.testing.assert_frame_equal(load_run(tmp_path, "hist"), want_hist)
+
+
 def test_load_run_errors_name_the_folder(tmp_path):
     with pytest.raises(icsk.RunFolderError, match="no such run folder"):
         load_run(tmp_path / "missing")
