@@ -126,6 +126,8 @@ class _LayerState:
         # pairs; empty when the layer is reduced inside the hook
         self.buffers: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
         self.active = 0  # which of the buffers fills now
+        self.slots: list[torch.Tensor] | None = None  # per-step views of the buffer that fills now
+        self.move_units = False  # whether the unit axis must be moved to dim 1 (channels-last)
         self.pending: list[Future | None] = [None, None]  # reduction running on each buffer
         self.shape: torch.Size | None = None  # activation shape and device the slots were made for
         self.device: torch.device | None = None
@@ -138,9 +140,10 @@ class _LayerState:
     def stage(self) -> torch.Tensor:
         return self.buffers[self.active][0]
 
-    @property
-    def slots(self) -> list[torch.Tensor] | None:
-        return self.buffers[self.active][1] if self.buffers else None
+    def switch(self, active: int) -> None:
+        """Make staging buffer ``active`` the one that fills."""
+        self.active = active
+        self.slots = self.buffers[active][1] if self.buffers else None
 
 
 class Recorder:
@@ -329,27 +332,31 @@ class Recorder:
         return value
 
     def _capture(self, name: str, module: nn.Module, value: Any) -> None:
-        mode = "train" if module.training else "eval"
-        if mode not in self.modes:
-            return
-        state = self._states.get((name, mode))
-        if state is None:
+        state = self._states.get((name, "train" if module.training else "eval"))
+        if state is None:  # first forward in this mode: recorded at all?
+            mode = "train" if module.training else "eval"
+            if mode not in self.modes:
+                return
             state = self._states[(name, mode)] = _LayerState(name, mode)
-        if state.last_step == self.current_step:  # record the first forward of a step only
+        step = self.current_step
+        if state.last_step == step:  # record the first forward of a step only
             return
-        x = (value if type(value) is torch.Tensor else self._tensor_of(name, module, value)).detach()
         slots = state.slots
-        if slots is not None and x.shape == state.shape and x.device == state.device:
-            # fast path: one contiguous copy into the staging slot of this step
-            state.last_step = self.current_step
-            n = len(state.stage_steps)
+        if (slots is not None and type(value) is torch.Tensor and value.shape == state.shape
+                and value.device == state.device):
+            # fast path (~3 us): one contiguous copy into the staging slot of this step
+            state.last_step = step
+            staged = state.stage_steps
+            n = len(staged)
             if n == 0:
                 self._await_buffer(state)
-            slots[n].copy_(self._units_at_1(x))
-            state.stage_steps.append(self.current_step)
-            if len(state.stage_steps) == len(slots):
+            x = value.detach()
+            slots[n].copy_(x.movedim(self.channel_dim, 1) if state.move_units else x)
+            staged.append(step)
+            if n + 1 == len(slots):
                 self._reduce_stage(state)
             return
+        x = (value if type(value) is torch.Tensor else self._tensor_of(name, module, value)).detach()
         self._capture_slow(state, name, module, x)
 
     def _units_at_1(self, x: torch.Tensor) -> torch.Tensor:
@@ -372,6 +379,7 @@ class Recorder:
         state.last_step = self.current_step
         self._reduce_stage(state)  # shape or device changed: reduce what is staged first
         state.buffers = []
+        state.switch(0)
         m = x4.shape[1] * x4.shape[3]
         if 2 * c * m * 4 > self.stage_bytes or self.max_stage_steps < 2:
             state.results.append(self._reducer(x4, state.edges))  # reduce now, inside the hook
@@ -384,8 +392,10 @@ class Recorder:
         for _ in range(2):  # double buffer: one fills while the other is reduced
             stage = torch.empty(k, n, c, m // n, dtype=torch.float32, device=x.device)
             state.buffers.append((stage, [stage[i].view(xc.shape) for i in range(k)]))
-        state.active, state.pending = 0, [None, None]
+        state.switch(0)
+        state.pending = [None, None]
         state.shape, state.device = x.shape, x.device
+        state.move_units = xc is not x
         state.slots[0].copy_(xc)
         state.stage_steps.append(self.current_step)
 
@@ -422,7 +432,7 @@ class Recorder:
         state.counts.extend([st.shape[1] * st.shape[3]] * k)
         state.stage_steps = []
         state.pending[state.active] = fut
-        state.active = 1 - state.active
+        state.switch(1 - state.active)
 
     @staticmethod
     def _await_buffer(state: _LayerState) -> None:
