@@ -242,6 +242,7 @@ class Recorder:
         self._entered = False
         self._paused = 0
         self._pending_steps = 0
+        self._saved_meta: dict | None = None  # recorder.json as last written (rewritten only on change)
 
     # ------------------------------------------------------------------ hooks
     def __enter__(self) -> Recorder:
@@ -474,10 +475,13 @@ class Recorder:
         self._pending_steps = 0
         if batches:
             meta = self._meta()
-            self._writer.write(lambda: _chunk_table(batches), before=lambda: self._save_meta(meta))
+            before = None if meta == self._saved_meta else (lambda: self._save_meta(meta))
+            self._writer.write(lambda: _chunk_table(batches), before=before)
 
     def _save_meta(self, meta: dict) -> None:
+        """Write recorder.json (runs on the writer thread, before the chunk that needs it)."""
         write_json_atomic(self.stats_dir / "recorder.json", meta)
+        self._saved_meta = meta
 
     def _meta(self) -> dict:
         """What a reader needs besides the chunks: layers, units, statistics, histogram edges."""

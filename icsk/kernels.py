@@ -153,9 +153,10 @@ if numba is not None:
 
     @njit(cache=True, nogil=True)
     def _scan_lane_blocks(t, comps, qlo, qhi, qfrac, flags, origin, scale, nbins, sat, eps,
-                          moments, extra, hist, quant):  # pragma: no cover - compiled
-        """Statistics of every lane (column) of each block ``t[b]`` [N, W]; lane i of block b
-        is output row b*W + i. Sorts each block's columns in place (partially: ``comps``)."""
+                          res, hist):  # pragma: no cover - compiled
+        """Statistics of every lane (column) of each block ``t[b]`` [N, W] into ``res[s, b*W + i]``
+        for lane i of block b; s runs over LANE_OUTPUTS, then the quantiles. Sorts each block's
+        columns in place (partially: ``comps``)."""
         want_min_max, want_sat, want_zero, want_hist = flags[0], flags[1], flags[2], flags[4]
         nb, N, W = t.shape
         f0 = np.float32(0.0)
@@ -216,14 +217,14 @@ if numba is not None:
                     d = r[i] - mean[i]
                     s2[i] += d * d
             for i in range(W):
-                moments[o + i, 0] = mean[i]
-                moments[o + i, 1] = s2[i] / np.float32(N - 1) if N > 1 else np.nan
+                res[0, o + i] = mean[i]
+                res[1, o + i] = s2[i] / np.float32(N - 1) if N > 1 else np.nan
                 bad = n_nan[i] > 0
-                extra[o + i, 0] = np.nan if bad else mn[i]
-                extra[o + i, 1] = np.nan if bad else mx[i]
-                extra[o + i, 2] = n_sat[i] / N
-                extra[o + i, 3] = n_zero[i] / N
-                extra[o + i, 4] = n_nan[i] + n_inf[i]
+                res[2, o + i] = np.nan if bad else mn[i]
+                res[3, o + i] = np.nan if bad else mx[i]
+                res[4, o + i] = n_sat[i] / N
+                res[5, o + i] = n_zero[i] / N
+                res[6, o + i] = n_nan[i] + n_inf[i]
             for p in range(comps.shape[0]):  # the sorting network, all lanes at once
                 a = blk[comps[p, 0]]
                 c = blk[comps[p, 1]]
@@ -241,7 +242,7 @@ if numba is not None:
                 f = qfrac[j]
                 for i in range(W):
                     v = lo[i] + (hi[i] - lo[i]) * f if f > f0 else lo[i]
-                    quant[o + i, j] = np.nan if n_nan[i] > 0 else v
+                    res[7 + j, o + i] = np.nan if n_nan[i] > 0 else v
 
 def scan(x: np.ndarray, *, min_max: bool, sat: float | None, zero_eps: float | None, nonfinite: bool,
          hist: tuple[float, float, int] | None, threads: int = 1) -> dict[str, np.ndarray]:
@@ -327,8 +328,20 @@ def quantile_positions(m: int, quantiles) -> tuple[list[int], list[int], list[fl
     return lo, hi, [p - i for p, i in zip(pos, lo, strict=True)]
 
 
-def scan_lanes(x: np.ndarray, *, quantiles, min_max: bool, sat: float | None, zero_eps: float | None,
-               hist: tuple[float, float, int] | None, scratch: np.ndarray | None = None) -> dict[str, np.ndarray]:
+@functools.lru_cache(maxsize=64)
+def _quantile_plan(n: int, quantiles: tuple[float, ...]) -> tuple[np.ndarray, ...]:
+    """(comparators, lo, hi, frac) arrays of :func:`scan_lanes` for n values per unit."""
+    lo, hi, frac = quantile_positions(n, quantiles)
+    comps = sorting_network(n, tuple(sorted(set(lo + hi)))) if quantiles else np.zeros((0, 2), np.int64)
+    return comps, np.array(lo, np.int64), np.array(hi, np.int64), np.array(frac, np.float32)
+
+
+LANE_OUTPUTS = ("mean", "var", "min", "max", "frac_sat", "frac_zero", "nonfinite")
+
+
+def scan_lanes(x: np.ndarray, *, quantiles: tuple[float, ...], min_max: bool, sat: float | None,
+               zero_eps: float | None, hist: tuple[float, float, int] | None,
+               scratch: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Per-unit statistics of a float32 array ``x`` [K, N, C] (one value per unit and sample):
     the outputs of :func:`scan` plus ``q{q}`` for each of ``quantiles``, each [K, C].
 
@@ -349,31 +362,23 @@ def scan_lanes(x: np.ndarray, *, quantiles, min_max: bool, sat: float | None, ze
         rest = K - full * kb
         t[full, :, :rest] = x[full * kb:].transpose(1, 0, 2)
         t[full, :, rest:] = 0.0
-    qs = tuple(quantiles)
-    lo, hi, frac = quantile_positions(N, qs)
-    comps = sorting_network(N, tuple(sorted(set(lo + hi)))) if qs else np.zeros((0, 2), np.int64)
+    comps, lo, hi, frac = _quantile_plan(N, quantiles)
     nbins = hist[2] if hist is not None else 0
     lanes = nb * kb * C
-    moments = np.empty((lanes, 2), np.float32)
-    extra = np.empty((lanes, 5), np.float32)
-    counts = np.zeros((lanes, nbins + 3), np.float32)  # the last column takes NaN, dropped
-    quant = np.empty((lanes, len(qs)), np.float32)
+    res = np.empty((len(LANE_OUTPUTS) + len(quantiles), lanes), np.float32)
+    counts = np.zeros((lanes, nbins + 3), np.float32) if hist is not None else np.zeros((1, 1), np.float32)
     flags = np.array([min_max, sat is not None, zero_eps is not None, True, hist is not None])
-    _scan_lane_blocks(t.reshape(nb, N, kb * C), comps, np.array(lo, np.int64), np.array(hi, np.int64),
-                      np.array(frac, np.float32), flags, np.float32(hist[0] if hist else 0.0),
-                      np.float32(hist[1] if hist else 1.0), nbins,
+    _scan_lane_blocks(t.reshape(nb, N, kb * C), comps, lo, hi, frac, flags,
+                      np.float32(hist[0] if hist else 0.0), np.float32(hist[1] if hist else 1.0), nbins,
                       np.float32(sat if sat is not None else np.inf),
-                      np.float32(zero_eps if zero_eps is not None else -1.0), moments, extra, counts, quant)
+                      np.float32(zero_eps if zero_eps is not None else -1.0), res, counts)
     n = K * C
-    out = {"mean": moments[:n, 0].reshape(K, C), "var": moments[:n, 1].reshape(K, C)}
-    for name, col, want in (("min", 0, min_max), ("max", 1, min_max), ("frac_sat", 2, sat is not None),
-                            ("frac_zero", 3, zero_eps is not None), ("nonfinite", 4, True)):
-        if want:
-            out[name] = extra[:n, col].reshape(K, C)
-    if hist is not None:
+    want = (True, True, min_max, min_max, sat is not None, zero_eps is not None, True)
+    out = {name: res[i, :n].reshape(K, C) for i, name in enumerate(LANE_OUTPUTS) if want[i]}
+    if hist is not None:  # its last column took the NaN values, which are dropped
         out["hist"] = counts[:n, : nbins + 2].reshape(K, C, nbins + 2)
-    for j, q in enumerate(qs):
-        out[f"q{q:g}"] = quant[:n, j].reshape(K, C)
+    for j, q in enumerate(quantiles):
+        out[f"q{q:g}"] = res[len(LANE_OUTPUTS) + j, :n].reshape(K, C)
     return out
 
 

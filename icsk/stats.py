@@ -20,6 +20,7 @@ histograms). Speed notes, measured on a 2-core CPU (see reports/benchmarks.md):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,13 +89,15 @@ class Reducer:
         self.spec = spec
         self.threads = threads
         self.fused = fused
+        self._outputs = frozenset(spec.output_names())
+        self._lane_quantiles = spec.quantiles if "quantiles" in spec.stats else ()
         self._scratch: dict[tuple, torch.Tensor] = {}
         self._offsets: dict[tuple, torch.Tensor] = {}
 
     def _buf(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A contiguous scratch tensor of ``shape``; grown, never shrunk, reused across calls."""
         key = (name, dtype, device)
-        numel = int(np.prod(shape))
+        numel = math.prod(shape)
         buf = self._scratch.get(key)
         if buf is None or buf.numel() < numel:
             buf = torch.empty(numel, dtype=dtype, device=device)
@@ -185,15 +188,13 @@ class Reducer:
         spec, stats = self.spec, self.spec.stats
         K, N, C, _ = x.shape
         scratch = self._buf("lanes", (kernels.scratch_size((K, N, C)),), torch.float32, x.device)
-        res = kernels.scan_lanes(x.select(3, 0).numpy(),
-                                 quantiles=spec.quantiles if "quantiles" in stats else (),
+        res = kernels.scan_lanes(x.select(3, 0).numpy(), quantiles=self._lane_quantiles,
                                  min_max="min" in stats or "max" in stats,
                                  sat=spec.sat_threshold if "frac_sat" in stats else None,
                                  zero_eps=spec.zero_eps if "frac_zero" in stats else None,
                                  hist=self._hist_transform(edges) if "hist" in stats else None,
                                  scratch=scratch.numpy())
-        wanted = set(spec.output_names())
-        return {s: torch.from_numpy(v) for s, v in res.items() if s in wanted}
+        return {s: torch.from_numpy(v) for s, v in res.items() if s in self._outputs}
 
     def _hist_transform(self, edges: tuple[float, float]) -> tuple[float, float, int]:
         """``(origin, scale, B)``: value v lies in bin clamp(int((v - origin) * scale), 0, B+1).
