@@ -199,7 +199,8 @@ def build_recorder(rcfg: DictConfig, model: nn.Module, path: Path) -> Recorder |
     return Recorder(
         model, layers=layers, capture=str(rcfg.get("capture", "output")), stats=list(rcfg.stats),
         quantiles=[float(q) for q in rcfg.get("quantiles", (0.15, 0.5, 0.85))], hist_bins=int(rcfg.get("hist_bins", 32)),
-        hist_range=hist_range or "auto", schedule=sched, path=path, flush_every=int(rcfg.get("flush_every", 256)),
+        hist_range=hist_range or "auto", schedule=sched, path=path, flush_every=int(rcfg.get("flush_every", 1024)),
+        flush_mb=float(rcfg.get("flush_mb", 8.0)),
         sat_threshold=float(rcfg.get("sat_threshold", 4.0)),
     )
 

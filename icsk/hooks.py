@@ -170,7 +170,9 @@ class Recorder:
         select: how to pick the tensor from a non-tensor output: an index, a dict key, or a function.
         path: folder to stream statistics to (``<path>/stats``); default a temporary folder
             removed when the Recorder is garbage-collected.
-        flush_every: recorded steps per parquet chunk (memory holds at most one chunk).
+        flush_every, flush_mb: a chunk is written after ``flush_every`` recorded steps or once
+            it holds ``flush_mb`` MB of statistics, whichever comes first (memory holds at most
+            one chunk; a killed process loses at most the chunk not yet written).
         stage_mb: per-layer staging budget; layers whose K=2 steps fit are reduced in batches.
     """
 
@@ -192,7 +194,8 @@ class Recorder:
         channel_dim: int = 1,
         select: int | str | Callable[[Any], torch.Tensor] | None = None,
         path: str | Path | None = None,
-        flush_every: int = 256,
+        flush_every: int = 1024,
+        flush_mb: float = 8.0,
         stage_mb: float = 8.0,
         start_step: int = 0,
         max_stage_steps: int = 64,
@@ -211,8 +214,8 @@ class Recorder:
             if not hi > lo:
                 raise RecorderError(f"hist_range needs lo < hi, got {hist_range}")
             hist_range = (lo, hi)
-        if flush_every < 1:
-            raise RecorderError("flush_every must be >= 1")
+        if flush_every < 1 or not flush_mb > 0:
+            raise RecorderError(f"flush_every must be >= 1 and flush_mb > 0, got {flush_every} and {flush_mb}")
         self.model = model
         self.spec = StatSpec(stats=stats, quantiles=tuple(float(q) for q in quantiles), hist_bins=int(hist_bins),
                              sat_threshold=float(sat_threshold), zero_eps=float(zero_eps))
@@ -224,6 +227,8 @@ class Recorder:
         self.channel_dim = channel_dim
         self.select = select
         self.flush_every = int(flush_every)
+        self.flush_bytes = flush_mb * 2**20
+        self._step_bytes = 0  # bytes of statistics one recorded step adds (once layer sizes are known)
         self.stage_bytes = int(stage_mb * 2**20)
         self.max_stage_steps = int(max_stage_steps)
         self.current_step = int(start_step)
@@ -373,6 +378,8 @@ class Recorder:
         x4 = xc.reshape(1, n, c, -1)
         if state.units is None:
             state.units = c
+            per_unit = len(self.spec.output_names()) + ("hist" in self.spec.stats) * (self.spec.hist_bins + 1)
+            self._step_bytes += 4 * c * per_unit
             if "hist" in self.spec.stats and state.edges is None:
                 state.edges = self._hist_edges(x4)
         elif c != state.units:
@@ -449,7 +456,7 @@ class Recorder:
         """Mark one training step done; hooks appear only on steps the schedule selects."""
         if self.schedule(self.current_step):
             self._pending_steps += 1
-            if self._pending_steps >= self.flush_every:
+            if self._pending_steps >= self.flush_every or self._pending_steps * self._step_bytes >= self.flush_bytes:
                 self._flush()
         self.current_step += 1
         self._sync_hooks()

@@ -295,6 +295,23 @@ def test_streams_chunks_to_run_folder_and_load_run_reads_them(tmp_path):
     assert sorted(sub.step.unique()) == [2, 3, 4] and set(sub.stat.unique()) == {"q0.5"}
 
 
+def test_chunks_are_cut_by_steps_or_by_size(tmp_path):
+    model = nn.Sequential(nn.Linear(5, 4))
+    # 4 units x (mean + 2-bin histogram with under/overflow = 5 values) x 4 bytes = 80 bytes a step
+    rec = icsk.Recorder(model, layers=["0"], stats=["mean", "hist"], hist_bins=2, path=tmp_path / "size",
+                        flush_every=1000, flush_mb=240 / 2**20)
+    with rec:
+        for _ in range(10):
+            model(torch.randn(6, 5))
+            rec.step()
+            rec._writer.wait()
+            chunks = len(list((tmp_path / "size" / "stats").glob("chunk-*.parquet")))
+            assert chunks == rec.current_step // 3, rec.current_step
+    assert sorted(load_run(tmp_path / "size").step.unique()) == list(range(10))
+    with pytest.raises(icsk.RecorderError, match="flush_mb"):
+        icsk.Recorder(model, flush_mb=0)
+
+
 def test_values_are_float32_bytes_and_older_list_chunks_read_the_same(tmp_path):
     """A chunk's values column is float32 bytes; a folder that also holds a chunk in the older
     list<float32> layout (say, resumed by a newer icsk) reads back as one frame."""
