@@ -422,6 +422,8 @@ class Recorder:
     def restore_edges(self, edges: dict[tuple[str, str], tuple[float, float]]) -> None:
         """Reuse histogram ranges of an earlier session (resume), so bins stay comparable."""
         for (layer, mode), e in edges.items():
+            if mode not in self.modes:  # a state exists only for a recorded mode (see _capture)
+                continue
             state = self._states.setdefault((layer, mode), _LayerState(layer, mode))
             state.edges = (float(e[0]), float(e[1]))
 

@@ -215,6 +215,16 @@ def test_eval_forwards_skipped_by_default_and_tagged_when_asked():
         rec.step()
     df = rec.to_frame()
     np.testing.assert_allclose(frame_values(df, 0, "0", "mean"), model(xtr).detach().mean(0).numpy(), rtol=1e-5)
+    # histogram ranges restored from a run that recorded eval forwards do not turn them on
+    with icsk.Recorder(model, layers=["0"], stats=["mean", "hist"]) as rec1:
+        rec1.restore_edges({("0", "eval"): (-1.0, 1.0), ("0", "train"): (-2.0, 2.0)})
+        model.eval()
+        model(xev)
+        model.train()
+        model(xtr)
+        rec1.step()
+    assert set(rec1.to_frame(mode=None)["mode"].unique()) == {"train"}
+    assert rec1.hist_edges() == {("0", "train"): (-2.0, 2.0)}
     with icsk.Recorder(model, layers=["0"], stats=["mean"], modes=("train", "eval")) as rec2:
         model.eval()
         model(xev)
