@@ -16,6 +16,7 @@ import argparse
 import gc
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -189,6 +190,7 @@ def measure(name, model, x, y, layer_names, stats, steps_per_block, repeats, war
         print(f"  [{name}] round {r + 1}/{warmup_blocks + repeats} done", file=sys.stderr, flush=True)
     closing_plain = block(None)
     rec.rec.close()
+    shutil.rmtree(folder, ignore_errors=True)  # the recorded statistics are not needed afterwards
     plain = times["plain"]
     brackets = [(a + b) / 2 for a, b in zip(plain, plain[1:] + [closing_plain], strict=True)]
     out = {}
