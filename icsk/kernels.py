@@ -245,6 +245,21 @@ if numba is not None:
                     v = lo[i] + (hi[i] - lo[i]) * f if f > f0 else lo[i]
                     res[7 + j, o + i] = np.nan if n_nan[i] > 0 else v
 
+def _require_numba() -> None:
+    if not available():
+        raise RuntimeError("fused kernels unavailable: install numba (pip install numba) or unset ICSK_FUSED=0")
+
+
+def _kernel_args(min_max: bool, sat: float | None, zero_eps: float | None, nonfinite: bool,
+                 hist: tuple[float, float, int] | None) -> tuple:
+    """``(flags, origin, scale, nbins, sat, eps)`` as the kernels take them; a statistic not
+    asked for gets a flag of False and a threshold that never counts."""
+    flags = np.array([min_max, sat is not None, zero_eps is not None, nonfinite, hist is not None])
+    origin, scale, nbins = hist if hist is not None else (0.0, 1.0, 0)
+    return (flags, np.float32(origin), np.float32(scale), nbins,
+            np.float32(sat if sat is not None else np.inf), np.float32(zero_eps if zero_eps is not None else -1.0))
+
+
 def scan(x: np.ndarray, *, min_max: bool, sat: float | None, zero_eps: float | None, nonfinite: bool,
          hist: tuple[float, float, int] | None, threads: int = 1) -> dict[str, np.ndarray]:
     """Per-unit statistics of a C-contiguous float32 array ``x`` [K, N, C, S] in one pass.
@@ -254,17 +269,13 @@ def scan(x: np.ndarray, *, min_max: bool, sat: float | None, zero_eps: float | N
     overflow bins). ``hist`` is ``(origin, scale, B)``: value v falls in bin
     ``clamp(int((v - origin) * scale), 0, B+1)`` computed in float32. ``threads`` > 1 splits
     units across numba threads (one parallel kernel at a time per process)."""
-    if not available():
-        raise RuntimeError("fused kernels unavailable: install numba (pip install numba) or unset ICSK_FUSED=0")
+    _require_numba()
     K, _, C, _ = x.shape
     nbins = hist[2] if hist is not None else 0
     moments = np.empty((K, C, 2), np.float32)
     extra = np.empty((K, C, 5), np.float32)
     counts = np.empty((K, C, nbins + 2), np.float32)
-    flags = np.array([min_max, sat is not None, zero_eps is not None, nonfinite, hist is not None])
-    args = (x, flags, np.float32(hist[0] if hist else 0.0), np.float32(hist[1] if hist else 1.0), nbins,
-            np.float32(sat if sat is not None else np.inf), np.float32(zero_eps if zero_eps is not None else -1.0),
-            moments, extra, counts)
+    args = (x, *_kernel_args(min_max, sat, zero_eps, nonfinite, hist), moments, extra, counts)
     threads = min(int(threads), numba.config.NUMBA_NUM_THREADS)
     if threads > 1 and _parallel_lock.acquire(blocking=False):
         try:
@@ -348,8 +359,7 @@ def scan_lanes(x: np.ndarray, *, quantiles: tuple[float, ...], min_max: bool, sa
 
     ``N`` must be at most :data:`MAX_NETWORK_ROWS`. ``scratch``: a float32 buffer of at least
     ``scratch_size(x.shape)`` values to reuse (for the transposed copy)."""
-    if not available():
-        raise RuntimeError("fused kernels unavailable: install numba (pip install numba) or unset ICSK_FUSED=0")
+    _require_numba()
     K, N, C = x.shape
     if N > MAX_NETWORK_ROWS:
         raise ValueError(f"scan_lanes sorts at most {MAX_NETWORK_ROWS} values per unit, got {N}")
@@ -368,11 +378,8 @@ def scan_lanes(x: np.ndarray, *, quantiles: tuple[float, ...], min_max: bool, sa
     lanes = nb * kb * C
     res = np.empty((len(LANE_OUTPUTS) + len(quantiles), lanes), np.float32)
     counts = np.zeros((lanes, nbins + 3), np.float32) if hist is not None else np.zeros((1, 1), np.float32)
-    flags = np.array([min_max, sat is not None, zero_eps is not None, True, hist is not None])
-    _scan_lane_blocks(t.reshape(nb, N, kb * C), comps, lo, hi, frac, flags,
-                      np.float32(hist[0] if hist else 0.0), np.float32(hist[1] if hist else 1.0), nbins,
-                      np.float32(sat if sat is not None else np.inf),
-                      np.float32(zero_eps if zero_eps is not None else -1.0), res, counts)
+    _scan_lane_blocks(t.reshape(nb, N, kb * C), comps, lo, hi, frac,
+                      *_kernel_args(min_max, sat, zero_eps, True, hist), res, counts)
     n = K * C
     want = (True, True, min_max, min_max, sat is not None, zero_eps is not None, True)
     out = {name: res[i, :n].reshape(K, C) for i, name in enumerate(LANE_OUTPUTS) if want[i]}

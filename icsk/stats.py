@@ -174,27 +174,26 @@ class Reducer:
     def _scan_fused(self, x: torch.Tensor, edges) -> dict[str, torch.Tensor]:
         """Every statistic but the quantiles in one fused pass (:func:`icsk.kernels.scan`)."""
         spec, stats = self.spec, self.spec.stats
-        res = kernels.scan(x.numpy(), min_max="min" in stats or "max" in stats,
-                           sat=spec.sat_threshold if "frac_sat" in stats else None,
-                           zero_eps=spec.zero_eps if "frac_zero" in stats else None,
-                           nonfinite="nonfinite" in stats,
-                           hist=self._hist_transform(edges) if "hist" in stats else None,
+        res = kernels.scan(x.numpy(), **self._kernel_options(edges), nonfinite="nonfinite" in self.spec.stats,
                            threads=self.threads or torch.get_num_threads())
-        return {s: torch.from_numpy(v) for s, v in res.items() if s in stats}
+        return {s: torch.from_numpy(v) for s, v in res.items() if s in self.spec.stats}
 
     def _scan_lanes(self, x: torch.Tensor, edges) -> dict[str, torch.Tensor]:
         """Every statistic, quantiles included, of a [K, N, C, 1] view with units as SIMD lanes
         (:func:`icsk.kernels.scan_lanes`)."""
-        spec, stats = self.spec, self.spec.stats
         K, N, C, _ = x.shape
         scratch = self._buf("lanes", (kernels.scratch_size((K, N, C)),), torch.float32, x.device)
         res = kernels.scan_lanes(x.select(3, 0).numpy(), quantiles=self._lane_quantiles,
-                                 min_max="min" in stats or "max" in stats,
-                                 sat=spec.sat_threshold if "frac_sat" in stats else None,
-                                 zero_eps=spec.zero_eps if "frac_zero" in stats else None,
-                                 hist=self._hist_transform(edges) if "hist" in stats else None,
-                                 scratch=scratch.numpy())
+                                 **self._kernel_options(edges), scratch=scratch.numpy())
         return {s: torch.from_numpy(v) for s, v in res.items() if s in self._outputs}
+
+    def _kernel_options(self, edges) -> dict:
+        """The statistics options :func:`icsk.kernels.scan` and ``scan_lanes`` share."""
+        spec, stats = self.spec, self.spec.stats
+        return {"min_max": "min" in stats or "max" in stats,
+                "sat": spec.sat_threshold if "frac_sat" in stats else None,
+                "zero_eps": spec.zero_eps if "frac_zero" in stats else None,
+                "hist": self._hist_transform(edges) if "hist" in stats else None}
 
     def _hist_transform(self, edges: tuple[float, float]) -> tuple[float, float, int]:
         """``(origin, scale, B)``: value v lies in bin clamp(int((v - origin) * scale), 0, B+1).
@@ -242,10 +241,7 @@ class Reducer:
         K, N, C, S = x.shape
         m = N * S
         rows = (x if sortable and N == 1 and x.is_contiguous() else self._rows(x)).view(K * C, m)
-        pos = [q * (m - 1) for q in self.spec.quantiles]
-        lo_idx = [int(np.floor(p)) for p in pos]
-        hi_idx = [min(i + 1, m - 1) for i in lo_idx]
-        frac = [p - i for p, i in zip(pos, lo_idx, strict=True)]
+        lo_idx, hi_idx, frac = kernels.quantile_positions(m, self.spec.quantiles)
         if rows.device.type == "cpu":
             arr = rows.numpy()  # same memory
             if m >= _PARTITION_MIN_ROW:  # the last index too: it holds NaN if the row has one
