@@ -97,9 +97,12 @@ def _chunk_table(batches: list) -> pa.Table:
             code = labels[key].setdefault(val, len(labels[key]))
             codes[key].append(np.full(len(steps), code, dtype=np.int32))
 
+    batches = [(*b[:4], [r.result() if isinstance(r, Future) else r for r in b[4]]) for b in batches]
+    # results may come from other CUDA streams (the hooks' ones): let them finish before copying
+    for device in {t.device for b in batches for r in b[4] for t in r.values() if t.is_cuda}:
+        torch.cuda.synchronize(device)
     for layer, mode, steps, counts, results in batches:
         steps = np.asarray(steps, dtype=np.int64)
-        results = [r.result() if isinstance(r, Future) else r for r in results]
         for stat in results[0]:
             arr = torch.cat([r[stat] for r in results]).cpu().numpy().astype(np.float32, copy=False)
             add(steps, arr.reshape(len(steps), -1), mode=mode, layer=layer, stat=stat)
@@ -112,6 +115,20 @@ def _chunk_table(batches: list) -> pa.Table:
         table[key] = pa.DictionaryArray.from_arrays(np.concatenate(codes[key]), list(names)).cast(pa.string())
     table["values"] = values_column(flat, offsets)
     return pa.table(table)
+
+
+def _stream_of(device: torch.device) -> torch.cuda.Stream | None:
+    """The current CUDA stream of ``device`` (None off CUDA). A staged reduction runs on the
+    stream the hooks copied into the staging buffer on, so it sees those copies, in order."""
+    return torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+
+def _on_stream(stream: torch.cuda.Stream | None, fn: Callable, *args: Any) -> Any:
+    """``fn(*args)`` with ``stream`` as the current CUDA stream (as is, when None)."""
+    if stream is None:
+        return fn(*args)
+    with torch.cuda.stream(stream):
+        return fn(*args)
 
 
 class _LayerState:
@@ -436,7 +453,8 @@ class Recorder:
         if k == 0:
             return
         st = state.stage
-        fut = self._reduce_pool.submit(self._stage_reducer.reduce_staged, st[:k], state.edges)
+        fut = self._reduce_pool.submit(_on_stream, _stream_of(st.device), self._stage_reducer.reduce_staged,
+                                       st[:k], state.edges)
         state.results.append(fut)
         state.steps.extend(state.stage_steps)
         state.counts.extend([st.shape[1] * st.shape[3]] * k)

@@ -225,7 +225,11 @@ class Reducer:
             off = (torch.arange(K * C, dtype=torch.int32, device=x.device) * (B + 3)).view(K, 1, C, 1)
             self._offsets[key] = off
         codes.add_(off)
-        counts = torch.bincount(codes.view(-1), minlength=K * C * (B + 3))
+        if x.device.type == "cpu":
+            counts = torch.bincount(codes.view(-1), minlength=K * C * (B + 3))
+        else:  # bincount syncs with the host on GPUs (it reads the largest code); index_add_ does not
+            counts = torch.zeros(K * C * (B + 3), dtype=torch.int32, device=x.device)
+            counts.index_add_(0, codes.view(-1), torch.ones((), dtype=torch.int32, device=x.device).expand(codes.numel()))
         return counts.view(K, C, B + 3)[..., : B + 2].to(torch.float32)
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
 Each arm (a model with its optimizer, scheduler and Recorder) takes one step per batch.
 Online probes (gradient ICS, loss smoothness, BN train/eval gap) run at their own schedules
 at w_t, before the arm's step, with the Recorder paused. An arm whose loss or activations turn
-non-finite is marked ``diverged`` at that step and stops; the others go on. Checkpoints hold
+non-finite is marked ``diverged`` at that step and stops (on a GPU at the next loss transfer, every
+``log_every`` steps, which avoids a host sync per step); the others go on. Checkpoints hold
 everything needed to continue bit-exactly on the CPU (models, optimizers, schedulers, data
 position, RNG states, and how many chunks each table had), so a resumed run has no duplicate
 and no gap in its recorded steps.
@@ -354,6 +355,7 @@ class Trainer:
             return
         arm.status = "diverged"
         arm.diverged_step = step
+        arm.last_step = min(arm.last_step, step - 1)  # the last step with a finite loss (a GPU learns of it late)
         arm.reason = reason
         self._emit(step, arm, {"diverged": 1.0})
         if self.progress is not None:

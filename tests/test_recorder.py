@@ -15,6 +15,9 @@ import icsk
 from icsk.store import load_run
 
 QS = (0.15, 0.5, 0.85)
+# the Recorder reduces on the activation's device: every reference test runs on each one here
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def per_unit(a: np.ndarray) -> np.ndarray:
@@ -53,22 +56,23 @@ class Capture:
 
     def __init__(self, module: nn.Module):
         self.values: list[np.ndarray] = []
-        self.h = module.register_forward_hook(lambda m, i, o: self.values.append(o.detach().double().numpy().copy()))
+        self.h = module.register_forward_hook(lambda m, i, o: self.values.append(o.detach().double().cpu().numpy().copy()))
 
 
 ALL = ["mean", "var", "min", "max", "quantiles", "frac_sat", "frac_zero", "nonfinite", "hist"]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 @pytest.mark.parametrize("stage_mb", [8.0, 0.0])  # staged (batched) and direct reduction paths
-def test_stats_match_float64_reference(kind, stage_mb, tmp_path):
+def test_stats_match_float64_reference(kind, stage_mb, device, tmp_path):
     torch.manual_seed(0)
     if kind == "linear":
-        model = nn.Sequential(nn.Linear(12, 7), nn.Tanh(), nn.Linear(7, 5))
-        make = lambda n: torch.randn(n, 12) * 3 + 1  # noqa: E731
+        model = nn.Sequential(nn.Linear(12, 7), nn.Tanh(), nn.Linear(7, 5)).to(device)
+        make = lambda n: torch.randn(n, 12, device=device) * 3 + 1  # noqa: E731
     else:
-        model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3))
-        make = lambda n: torch.randn(n, 3, 6, 5)  # noqa: E731
+        model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3)).to(device)
+        make = lambda n: torch.randn(n, 3, 6, 5, device=device)  # noqa: E731
     caps = {"0": Capture(model[0]), "2": Capture(model[2])}
     rec = icsk.Recorder(model, layers=["0", "2"], stats=ALL, hist_bins=9, hist_range=(-2.0, 2.5),
                         sat_threshold=1.5, path=tmp_path, stage_mb=stage_mb, flush_every=3)
@@ -95,13 +99,16 @@ def test_stats_match_float64_reference(kind, stage_mb, tmp_path):
     assert (df[df.stat == "count"].unit == -1).all()
 
 
-def test_low_precision_activations_reduced_in_float32():
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("stage_mb", [8.0, 0.0])
+def test_low_precision_activations_reduced_in_float32(device, dtype, stage_mb):
     torch.manual_seed(1)
-    lin = nn.Linear(8, 16).to(torch.bfloat16)
+    lin = nn.Linear(8, 16).to(device, dtype)
     model = nn.Sequential(lin)
     cap = Capture(lin)
-    with icsk.Recorder(model, layers=["0"], stats=["mean", "var", "quantiles"], stage_mb=0) as rec:
-        model(torch.randn(64, 8, dtype=torch.bfloat16))
+    with icsk.Recorder(model, layers=["0"], stats=["mean", "var", "quantiles"], stage_mb=stage_mb) as rec:
+        model(torch.randn(64, 8, dtype=dtype, device=device))
         rec.step()
     df = rec.to_frame()
     ref = reference(cap.values[0])
@@ -109,9 +116,10 @@ def test_low_precision_activations_reduced_in_float32():
         np.testing.assert_allclose(frame_values(df, 0, "0", stat), ref[stat], rtol=1e-5, atol=1e-5)
 
 
-def test_nonfinite_values_are_counted_and_dropped_from_histogram():
+@pytest.mark.parametrize("device", DEVICES)
+def test_nonfinite_values_are_counted_and_dropped_from_histogram(device):
     model = nn.Sequential(nn.Identity())
-    x = torch.tensor([[0.0, 1.0], [float("nan"), 2.0], [float("inf"), -3.0], [1.0, float("-inf")]])
+    x = torch.tensor([[0.0, 1.0], [float("nan"), 2.0], [float("inf"), -3.0], [1.0, float("-inf")]], device=device)
     with icsk.Recorder(model, layers=["0"], stats=["nonfinite", "hist"], hist_range=(-1, 1), hist_bins=2) as rec:
         model(x)
         rec.step()
@@ -123,20 +131,21 @@ def test_nonfinite_values_are_counted_and_dropped_from_histogram():
     np.testing.assert_array_equal(h[h.unit == 1]["count"], [2, 0, 0, 2])
 
 
-def test_resnet18_inplace_relu_does_not_corrupt_statistics():
+@pytest.mark.parametrize("device", DEVICES)
+def test_resnet18_inplace_relu_does_not_corrupt_statistics(device):
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10)
+    model = torchvision.models.resnet18(num_classes=10).to(device)
     # bn1 is followed by ReLU(inplace=True): the hook sees a tensor that is overwritten later
     assert model.relu.inplace
     cap = {}
 
     def keep(m, i, o):
-        cap["bn1"] = o.detach().double().numpy().copy()
+        cap["bn1"] = o.detach().double().cpu().numpy()
 
     h = model.bn1.register_forward_hook(keep)
     with icsk.Recorder(model, layers=["bn1", "layer1.0.bn1"], stats=["mean", "var", "min", "quantiles"]) as rec:
-        model(torch.randn(4, 3, 32, 32))
+        model(torch.randn(4, 3, 32, 32, device=device))
         rec.step()
     h.remove()
     df = rec.to_frame()
@@ -144,6 +153,66 @@ def test_resnet18_inplace_relu_does_not_corrupt_statistics():
     assert ref["min"].min() < 0  # BN output has negatives that the in-place ReLU would erase
     for stat in ("mean", "var", "min", "q0.15"):
         np.testing.assert_allclose(frame_values(df, 0, "bn1", stat), ref[stat], rtol=1e-4, atol=1e-5)
+
+
+@needs_cuda
+def test_cuda_recording_never_waits_for_the_device(tmp_path):
+    """Hooks, staged reductions (on the reducer thread) and reductions inside the hook only queue
+    GPU work: torch's sync debug mode raises at any host synchronisation. With 4-step staging,
+    the training thread waits for two staged reductions inside the checked steps, so an error on
+    the reducer thread surfaces there too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16 * 16, 10)).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(32, 3, 16, 16, device="cuda"), torch.randint(0, 10, (32,), device="cuda")
+    # the conv output (1 MB a step) is reduced inside the hook, the linear one is staged
+    rec = icsk.Recorder(model, layers=["0", "3"], stats=ALL, hist_range=(-3.0, 3.0), path=tmp_path,
+                        stage_mb=0.25, max_stage_steps=4, flush_every=1000)
+
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        rec.step()
+
+    with rec:
+        for _ in range(2):  # first captures allocate staging buffers
+            train_step()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(12):
+                train_step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    df = rec.to_frame(stats=["mean"])
+    assert sorted(df.step.unique()) == list(range(14))
+    assert set(df.layer) == {"0", "3"}
+
+
+@needs_cuda
+def test_cuda_statistics_of_forwards_on_a_side_stream(tmp_path):
+    """Staged reductions run on the stream the hooks copied on: a forward on a busy side stream
+    (a large matmul queued before it) must not be read before its staging copy lands."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.Tanh()).cuda()
+    outs = []
+    model[0].register_forward_hook(lambda m, i, o: outs.append(o.detach().clone()))  # no host sync
+    big = torch.randn(4096, 4096, device="cuda")
+    side = torch.cuda.Stream()
+    rec = icsk.Recorder(model, layers=["0"], stats=["mean", "max", "quantiles"], max_stage_steps=4, path=tmp_path)
+    with torch.cuda.stream(side), rec:
+        for _ in range(10):
+            for _ in range(4):
+                big = torch.tanh(big @ big)  # keeps the side stream busy for milliseconds
+            model(torch.randn(128, 64, device="cuda") * 2)
+            rec.step()
+    df = rec.to_frame()
+    for step, o in enumerate(outs):
+        ref = reference(o.double().cpu().numpy())
+        for stat in ("mean", "max", "q0.15", "q0.5", "q0.85"):
+            np.testing.assert_allclose(frame_values(df, step, "0", stat), ref[stat], rtol=1e-5, atol=1e-5,
+                                       err_msg=f"{stat} step {step}")
 
 
 def count_hooks(model: nn.Module) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pytest
+import torch
 
 import icsk
 from icsk.config import compose
@@ -57,7 +58,10 @@ def test_diverging_arm_stops_while_the_other_goes_on(tmp_path):
     assert m[(m.metric == "diverged")].step.tolist() == [s]
     df = icsk.load_run(tmp_path, stats=["nonfinite"])
     none = df[df.arm == "none"]
-    assert none.step.max() == s  # the diverging forward is recorded, nothing after it
+    if torch.cuda.is_available():  # no host sync per step: found at the next loss transfer (log_every=5)
+        assert s <= none.step.max() < s + 5
+    else:
+        assert none.step.max() == s  # the diverging forward is recorded, nothing after it
     assert df[df.arm == "bn"].step.max() == 59
 
 
