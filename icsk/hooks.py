@@ -117,6 +117,18 @@ def _chunk_table(batches: list) -> pa.Table:
     return pa.table(table)
 
 
+def _default_stage_mb(device: torch.device) -> int:
+    """Staging budget per layer and buffer: cache-sized on the CPU, larger on GPUs."""
+    return 8 if device.type == "cpu" else 64
+
+
+def _min_stage_steps(device: torch.device) -> int:
+    """Fewest steps a staging buffer must hold for a layer to be staged: on the CPU staging pays
+    off by batching (2+ steps), on GPUs already by moving the kernel launches off the training
+    thread (1 step)."""
+    return 2 if device.type == "cpu" else 1
+
+
 def _stream_of(device: torch.device) -> torch.cuda.Stream | None:
     """The current CUDA stream of ``device`` (None off CUDA). A staged reduction runs on the
     stream the hooks copied into the staging buffer on, so it sees those copies, in order."""
@@ -190,7 +202,10 @@ class Recorder:
         flush_every, flush_mb: a chunk is written after ``flush_every`` recorded steps or once
             it holds ``flush_mb`` MB of statistics, whichever comes first (memory holds at most
             one chunk; a killed process loses at most the chunk not yet written).
-        stage_mb: per-layer staging budget; layers whose K=2 steps fit are reduced in batches.
+        stage_mb: staging budget per layer and buffer (two buffers), in MB; default 8 on the CPU
+            (cache-sized) and 64 on GPUs. A layer is staged when 2 steps fit (1 on GPUs) and then
+            reduced K steps at a time on a background thread, which on a GPU also takes the kernel
+            launches off the training thread; larger layers are reduced inside the hook.
     """
 
     def __init__(
@@ -213,7 +228,7 @@ class Recorder:
         path: str | Path | None = None,
         flush_every: int = 1024,
         flush_mb: float = 8.0,
-        stage_mb: float = 8.0,
+        stage_mb: float | None = None,
         start_step: int = 0,
         max_stage_steps: int = 64,
     ):
@@ -246,7 +261,7 @@ class Recorder:
         self.flush_every = int(flush_every)
         self.flush_bytes = flush_mb * 2**20
         self._step_bytes = 0  # bytes of statistics one recorded step adds (once layer sizes are known)
-        self.stage_bytes = int(stage_mb * 2**20)
+        self.stage_bytes = None if stage_mb is None else int(stage_mb * 2**20)
         self.max_stage_steps = int(max_stage_steps)
         self.current_step = int(start_step)
         self._tmpdir = None
@@ -406,12 +421,13 @@ class Recorder:
         state.buffers = []
         state.switch(0)
         m = x4.shape[1] * x4.shape[3]
-        if 2 * c * m * 4 > self.stage_bytes or self.max_stage_steps < 2:
+        budget = self.stage_bytes if self.stage_bytes is not None else _default_stage_mb(x.device) * 2**20
+        k = min(self.max_stage_steps, budget // (c * m * 4))
+        if k < _min_stage_steps(x.device):
             state.results.append(self._reducer(x4, state.edges))  # reduce now, inside the hook
             state.steps.append(self.current_step)
             state.counts.append(m)
             return
-        k = max(2, min(self.max_stage_steps, self.stage_bytes // (c * m * 4)))
         # the activation's own layout [N, C, S...], so staging is a plain copy (a transposing
         # copy costs ~4x); the reduction transposes the whole stage at once when it needs to
         for _ in range(2):  # double buffer: one fills while the other is reduced
@@ -423,6 +439,8 @@ class Recorder:
         state.move_units = xc is not x
         state.slots[0].copy_(xc)
         state.stage_steps.append(self.current_step)
+        if k == 1:  # the stage is full already
+            self._reduce_stage(state)
 
     def _hist_edges(self, x4: torch.Tensor) -> tuple[float, float]:
         if self.hist_range != "auto":

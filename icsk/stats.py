@@ -11,6 +11,8 @@ histograms). Speed notes, measured on a 2-core CPU (see reports/benchmarks.md):
   as accurate;
 * ``torch.sort`` over many short rows is ~9x slower than NumPy's SIMD sort on the CPU, so
   quantiles sort with NumPy there (zero-copy view, same memory) and with torch on GPUs;
+* on GPUs mean and variance come from one ``torch.var_mean`` pass (one kernel instead of
+  five), and histograms from ``index_add_``, since ``bincount`` syncs with the host;
 * conv activations on the CPU (rows of >= 16 spatial values) get every statistic but the
   quantiles from one fused pass (:mod:`icsk.kernels`, numba) instead of one pass per statistic;
 * dense activations on the CPU (one value per unit and sample, batches up to 256) get every
@@ -141,7 +143,10 @@ class Reducer:
         need_t = any(s in stats for s in ("var", "frac_sat", "frac_zero", "nonfinite", "hist"))
         t = self._buf("t", tuple(x.shape), torch.float32, x.device) if need_t else None
         mean_known = "mean" in stats or "var" in stats
-        if mean_known:
+        if mean_known and x.device.type != "cpu" and m > 1:  # one fused pass (Welford) on GPUs
+            var, mean = torch.var_mean(x, dim=(1, 3), correction=1)
+            out.update((k, v) for k, v in (("mean", mean), ("var", var)) if k in stats)
+        elif mean_known:
             mean = _unit_sum(x).div_(m)
             if "mean" in stats:
                 out["mean"] = mean

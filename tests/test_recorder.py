@@ -100,6 +100,30 @@ def test_stats_match_float64_reference(kind, stage_mb, device, tmp_path):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_one_step_stages_match_reference(device, monkeypatch, tmp_path):
+    """Stages of a single step (the GPU rule, here forced on every device) are reduced as soon
+    as they fill, and give the statistics of the direct path."""
+    monkeypatch.setattr(icsk.hooks, "_min_stage_steps", lambda device: 1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()).to(device)
+    cap = Capture(model[0])
+    step_mb = 5 * 4 * 6 * 5 * 4 / 2**20  # one step of the conv output: exactly one fits
+    with icsk.Recorder(model, layers=["0"], stats=["mean", "var", "max", "quantiles"], path=tmp_path,
+                       stage_mb=step_mb * 1.5) as rec:
+        for _ in range(5):
+            model(torch.randn(5, 3, 6, 5, device=device))
+            rec.step()
+        state = rec._states[("0", "train")]
+        assert len(state.buffers) == 2 and state.buffers[0][0].shape[0] == 1
+    df = rec.to_frame()
+    assert len(cap.values) == 5
+    for step, a in enumerate(cap.values):
+        ref = reference(a)
+        for stat in ("mean", "var", "max", "q0.15", "q0.5", "q0.85"):
+            np.testing.assert_allclose(frame_values(df, step, "0", stat), ref[stat], rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("stage_mb", [8.0, 0.0])
 def test_low_precision_activations_reduced_in_float32(device, dtype, stage_mb):
@@ -165,7 +189,7 @@ def test_cuda_recording_never_waits_for_the_device(tmp_path):
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16 * 16, 10)).cuda()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = torch.randn(32, 3, 16, 16, device="cuda"), torch.randint(0, 10, (32,), device="cuda")
-    # the conv output (1 MB a step) is reduced inside the hook, the linear one is staged
+    # the conv output (0.25 MB a step) is staged one step at a time, the linear one 4 at a time
     rec = icsk.Recorder(model, layers=["0", "3"], stats=ALL, hist_range=(-3.0, 3.0), path=tmp_path,
                         stage_mb=0.25, max_stage_steps=4, flush_every=1000)
 
