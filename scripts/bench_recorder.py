@@ -143,10 +143,21 @@ def make_step(model, x, y) -> Callable[[], None]:
     return step
 
 
-def measure(name, model, x, y, layer_names, stats, steps_per_block, repeats, warmup_blocks=1):
+PEERS = ("naive-numpy", "torch-simple", "fastai-item")
+
+
+def median_ci(ratios: list[float], level: float = 0.95, resamples: int = 4000) -> tuple[float, float]:
+    """Bootstrap confidence interval of the median of per-round ratios (rounds resampled)."""
+    r = np.asarray(ratios)
+    meds = np.median(np.random.default_rng(0).choice(r, (resamples, r.size)), axis=1)
+    return tuple(float(v) for v in np.quantile(meds, [(1 - level) / 2, (1 + level) / 2]))
+
+
+def measure(name, model, x, y, layer_names, stats, steps_per_block, repeats, warmup_blocks=1, peers=PEERS):
     """Interleaved blocks of every configuration, one round after another, and a last plain block.
 
-    Returns ``{config: (median seconds/step, median ratio, first quartile, third quartile)}``
+    Returns ``{config: (median seconds/step, median ratio, first quartile, third quartile,
+    95 % bootstrap interval of the median ratio)}``
     over rounds. A round's ratio is the config's block time over the mean of the plain block
     that opens its round and the one that opens the next round, so a drift of the machine's
     speed (this VM has them) cancels out to first order. On a GPU each block's clock starts and
@@ -163,6 +174,7 @@ def measure(name, model, x, y, layer_names, stats, steps_per_block, repeats, war
         "torch-simple": TorchSimple(modules, stats),
         "fastai-item": FastaiItem(modules, stats),
     }
+    configs = {k: v for k, v in configs.items() if k in ("plain", "icsk") or k in peers}
 
     def block(ctx) -> float:
         gc.collect()
@@ -202,7 +214,7 @@ def measure(name, model, x, y, layer_names, stats, steps_per_block, repeats, war
     for k, v in times.items():
         ratios = sorted(t / p for t, p in zip(v, brackets, strict=True))
         q1, q3 = (float(np.quantile(ratios, q)) for q in (0.25, 0.75))
-        out[k] = (statistics.median(v), statistics.median(ratios), q1, q3)
+        out[k] = (statistics.median(v), statistics.median(ratios), q1, q3, median_ci(ratios))
     return out
 
 
@@ -277,6 +289,9 @@ def main() -> None:
     ap.add_argument("--mlp-threads", type=lambda t: [int(v) for v in t.split(",")], default=[1, 2],
                     help="comma-separated intra-op thread counts to time the MLP at (default 1,2)")
     ap.add_argument("--only", choices=["mlp", "vgg"], default=None, help="run one setting only (no --write)")
+    ap.add_argument("--peers", type=lambda t: [] if t == "none" else t.split(","), default=list(PEERS),
+                    help=f"comma-separated peers to time (default all: {','.join(PEERS)}); 'none' times icsk "
+                         "against plain training only, so many more rounds fit in the same time (no --write)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="where models and hooks run; cuda times the MLP once (no thread settings) and skips "
                          "the CPU-only memory and reduction-cost tables")
@@ -290,9 +305,11 @@ def main() -> None:
     if gpu and not torch.cuda.is_available():
         ap.error("--device cuda: torch sees no CUDA device here")
     dev = torch.device(args.device)
-    if args.only or gpu:
+    if args.only or gpu or args.peers != list(PEERS):
         args.memory_steps = 0
-    if args.only:
+    if bad := set(args.peers) - set(PEERS):
+        ap.error(f"--peers: unknown peer(s) {sorted(bad)}; choose from {','.join(PEERS)} or 'none'")
+    if args.only or args.peers != list(PEERS):
         args.write = None
     default_threads = torch.get_num_threads()
     for threads in ([] if args.only == "vgg" else [default_threads] if gpu else args.mlp_threads):
@@ -300,7 +317,7 @@ def main() -> None:
         where = torch.cuda.get_device_name() if gpu else f"{threads} intra-op thread(s)"
         res = measure(f"mlp, {where}", mlp().to(dev), torch.randn(60, 784, device=dev), torch.randint(0, 10, (60,), device=dev),
                       ["1", "3", "5"], ("mean", "var", "quantiles"), steps_per_block=128 if args.quick else (512 if gpu else 1536),
-                      repeats=mlp_reps)
+                      repeats=mlp_reps, peers=args.peers)
         rows.append((f"Ioffe MLP 784-100x3-10, batch 60, {where}: mean/var/q.15/.5/.85 "
                      "of 3 sigmoid layers, every step", res, 1.15))
     torch.set_num_threads(default_threads)
@@ -308,20 +325,21 @@ def main() -> None:
     convs = [n for n, mod in v.named_modules() if isinstance(mod, nn.Conv2d)]
     res = None if args.only == "mlp" else measure(
         "vgg", v, torch.randn(128, 3, 32, 32, device=dev), torch.randint(0, 10, (128,), device=dev), convs,
-        ("mean", "var", "hist"), steps_per_block=(5 if gpu else 2) if args.quick else (20 if gpu else 3), repeats=reps)
+        ("mean", "var", "hist"), steps_per_block=(5 if gpu else 2) if args.quick else (20 if gpu else 3), repeats=reps,
+        peers=args.peers)
     if res is not None:
         where = torch.cuda.get_device_name() if gpu else f"{default_threads} intra-op thread(s)"
         rows.append((f"VGG-small 32x32, batch 128, {where}: mean/var + 32-bin "
                      "histogram of 4 conv layers, every step", res, 1.05))
-    lines = ["| setting | plain step | icsk | icsk, middle half of rounds | naive-numpy | torch-simple | fastai-item | target (icsk) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| setting | plain step | icsk | icsk, middle half of rounds | icsk, 95 % interval of the median | "
+             "naive-numpy | torch-simple | fastai-item | target (icsk) |", "|---|---|---|---|---|---|---|---|---|"]
     for title, r, target in rows:
         p = r["plain"][0]
-        ratio = {k: r[k][1] for k in r}
-        ok = "CPU target, for reference" if gpu else "met" if ratio["icsk"] <= target else "MISSED"
-        lines.append(f"| {title} | {p * 1e3:.2f} ms | **{ratio['icsk']:.3f}x** | {r['icsk'][2]:.3f}x to {r['icsk'][3]:.3f}x | "
-                     f"{ratio['naive-numpy']:.2f}x | {ratio['torch-simple']:.2f}x | {ratio['fastai-item']:.2f}x | "
-                     f"<= {target}x ({ok}) |")
+        peer = " | ".join(f"{r[k][1]:.2f}x" if k in r else "not timed" for k in PEERS)
+        ok = "CPU target, for reference" if gpu else "met" if r["icsk"][1] <= target else "MISSED"
+        lo, hi = r["icsk"][4]
+        lines.append(f"| {title} | {p * 1e3:.2f} ms | **{r['icsk'][1]:.3f}x** | {r['icsk'][2]:.3f}x to {r['icsk'][3]:.3f}x | "
+                     f"{lo:.3f}x to {hi:.3f}x | {peer} | <= {target}x ({ok}) |")
     if args.memory_steps:
         grow, disk = memory_growth(args.memory_steps)
         ok = "met" if grow < 50 else "MISSED"
