@@ -178,10 +178,10 @@ class Reducer:
 
     def _scan_fused(self, x: torch.Tensor, edges) -> dict[str, torch.Tensor]:
         """Every statistic but the quantiles in one fused pass (:func:`icsk.kernels.scan`)."""
-        spec, stats = self.spec, self.spec.stats
-        res = kernels.scan(x.numpy(), **self._kernel_options(edges), nonfinite="nonfinite" in self.spec.stats,
+        stats = self.spec.stats
+        res = kernels.scan(x.numpy(), **self._kernel_options(edges), nonfinite="nonfinite" in stats,
                            threads=self.threads or torch.get_num_threads())
-        return {s: torch.from_numpy(v) for s, v in res.items() if s in self.spec.stats}
+        return {s: torch.from_numpy(v) for s, v in res.items() if s in stats}
 
     def _scan_lanes(self, x: torch.Tensor, edges) -> dict[str, torch.Tensor]:
         """Every statistic, quantiles included, of a [K, N, C, 1] view with units as SIMD lanes

@@ -304,21 +304,25 @@ def main() -> None:
     gpu = args.device == "cuda"
     if gpu and not torch.cuda.is_available():
         ap.error("--device cuda: torch sees no CUDA device here")
-    dev = torch.device(args.device)
-    if args.only or gpu or args.peers != list(PEERS):
-        args.memory_steps = 0
     if bad := set(args.peers) - set(PEERS):
         ap.error(f"--peers: unknown peer(s) {sorted(bad)}; choose from {','.join(PEERS)} or 'none'")
-    if args.only or args.peers != list(PEERS):
+    dev = torch.device(args.device)
+    partial = bool(args.only) or args.peers != list(PEERS)  # not the full table: nothing written
+    if partial:
         args.write = None
+    if partial or gpu:
+        args.memory_steps = 0
     default_threads = torch.get_num_threads()
+
+    def where(threads: int) -> str:
+        return torch.cuda.get_device_name() if gpu else f"{threads} intra-op thread(s)"
+
     for threads in ([] if args.only == "vgg" else [default_threads] if gpu else args.mlp_threads):
         torch.set_num_threads(threads)
-        where = torch.cuda.get_device_name() if gpu else f"{threads} intra-op thread(s)"
-        res = measure(f"mlp, {where}", mlp().to(dev), torch.randn(60, 784, device=dev), torch.randint(0, 10, (60,), device=dev),
+        res = measure(f"mlp, {where(threads)}", mlp().to(dev), torch.randn(60, 784, device=dev), torch.randint(0, 10, (60,), device=dev),
                       ["1", "3", "5"], ("mean", "var", "quantiles"), steps_per_block=128 if args.quick else (512 if gpu else 1536),
                       repeats=mlp_reps, peers=args.peers)
-        rows.append((f"Ioffe MLP 784-100x3-10, batch 60, {where}: mean/var/q.15/.5/.85 "
+        rows.append((f"Ioffe MLP 784-100x3-10, batch 60, {where(threads)}: mean/var/q.15/.5/.85 "
                      "of 3 sigmoid layers, every step", res, 1.15))
     torch.set_num_threads(default_threads)
     v = vgg_small().to(dev)
@@ -328,8 +332,7 @@ def main() -> None:
         ("mean", "var", "hist"), steps_per_block=(5 if gpu else 2) if args.quick else (20 if gpu else 3), repeats=reps,
         peers=args.peers)
     if res is not None:
-        where = torch.cuda.get_device_name() if gpu else f"{default_threads} intra-op thread(s)"
-        rows.append((f"VGG-small 32x32, batch 128, {where}: mean/var + 32-bin "
+        rows.append((f"VGG-small 32x32, batch 128, {where(default_threads)}: mean/var + 32-bin "
                      "histogram of 4 conv layers, every step", res, 1.05))
     lines = ["| setting | plain step | icsk | icsk, middle half of rounds | icsk, 95 % interval of the median | "
              "naive-numpy | torch-simple | fastai-item | target (icsk) |", "|---|---|---|---|---|---|---|---|---|"]
