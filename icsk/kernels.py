@@ -15,12 +15,15 @@ every value in the same bin. NaN propagates to mean/var/min/max like torch's red
 
 :func:`scan_lanes` handles the other common case, activations of shape (N, C) such as an MLP's
 (``S == 1``): a unit's N values are strided by C, so it works on units as SIMD lanes instead. The
-K stacked steps are transposed to [N, K*C] (unit j of step k is lane k*C + j), every statistic is
-a pass over rows vectorised across lanes, and quantiles come from a Batcher odd-even merge
-sorting network (pruned to the order statistics the quantiles need) applied to all lanes at
-once: about 10 us per step for 100 units of a batch of 60 (64 steps per call, every statistic of
-the MLP benchmark), against 25 us for the torch path's transposing copy, moments and NumPy's SIMD
-sort of each unit's row. Each comparator is a vectorised min/max over a block of lanes (512).
+K stacked steps are copied a few at a time into a block [N, kb*C] of about 512 lanes (unit j of
+the block's step s is lane s*C + j; the block stays in L2), every statistic is a pass over rows
+vectorised across lanes, and quantiles come from a Batcher odd-even merge sorting network
+(pruned to the order statistics the quantiles need) applied to all lanes at once: about 10 us
+per step for 100 units of a batch of 60 (64 steps per call, every statistic of the MLP
+benchmark), against 25 us for the torch path's transposing copy, moments and NumPy's SIMD sort
+of each unit's row. Each comparator is a vectorised min/max over a block's lanes; narrower,
+L1-sized blocks (one step, 104 lanes) measured slower, since the loop overhead per comparator
+then dominates.
 
 numba is optional: without it (or with ``ICSK_FUSED=0``) icsk uses the torch path. Kernels
 compile on first use (a few seconds, cached on disk afterwards).
@@ -153,13 +156,18 @@ if numba is not None:
 
 
     @njit(cache=True, nogil=True)
-    def _scan_lane_blocks(t, comps, qlo, qhi, qfrac, flags, origin, scale, nbins, sat, eps,
+    def _scan_lane_blocks(x, kb, comps, qlo, qhi, qfrac, flags, origin, scale, nbins, sat, eps,
                           res, hist):  # pragma: no cover - compiled
-        """Statistics of every lane (column) of each block ``t[b]`` [N, W] into ``res[s, b*W + i]``
-        for lane i of block b; s runs over LANE_OUTPUTS, then the quantiles. Sorts each block's
-        columns in place (partially: ``comps``)."""
+        """Statistics of every unit of ``x`` [K, N, C] into ``res[s, k*C + c]`` (s runs over
+        LANE_OUTPUTS, then the quantiles). Steps are taken ``kb`` at a time: each block is copied
+        to a buffer [N, kb*C] (unit c of the block's step j is lane j*C + c), small enough to
+        stay in cache, where every statistic is a pass over rows vectorised across lanes and the
+        sorting network (``comps``, partial) reorders each lane in place."""
         want_min_max, want_sat, want_zero, want_hist = flags[0], flags[1], flags[2], flags[4]
-        nb, N, W = t.shape
+        K, N, C = x.shape
+        W = kb * C
+        nb = -(-K // kb)
+        blk = np.zeros((N, W), np.float32)  # lanes past a short last block stay 0 (ignored)
         f0 = np.float32(0.0)
         top = np.float32(nbins + 1)
         drop = nbins + 2
@@ -173,8 +181,13 @@ if numba is not None:
         n_sat = np.empty(W, np.int32)
         n_zero = np.empty(W, np.int32)
         for b in range(nb):
-            blk = t[b]
             o = b * W
+            for j in range(min(kb, K - b * kb)):  # the block's steps, side by side
+                for n in range(N):
+                    src = x[b * kb + j, n]
+                    dst = blk[n]
+                    for c in range(C):
+                        dst[j * C + c] = src[c]
             s1[:] = 0.0
             s2[:] = 0.0
             mn[:] = np.inf
@@ -352,34 +365,22 @@ LANE_OUTPUTS = ("mean", "var", "min", "max", "frac_sat", "frac_zero", "nonfinite
 
 
 def scan_lanes(x: np.ndarray, *, quantiles: tuple[float, ...], min_max: bool, sat: float | None,
-               zero_eps: float | None, hist: tuple[float, float, int] | None,
-               scratch: np.ndarray | None = None) -> dict[str, np.ndarray]:
+               zero_eps: float | None, hist: tuple[float, float, int] | None) -> dict[str, np.ndarray]:
     """Per-unit statistics of a float32 array ``x`` [K, N, C] (one value per unit and sample):
     the outputs of :func:`scan` plus ``q{q}`` for each of ``quantiles``, each [K, C].
 
-    ``N`` must be at most :data:`MAX_NETWORK_ROWS`. ``scratch``: a float32 buffer of at least
-    ``scratch_size(x.shape)`` values to reuse (for the transposed copy)."""
+    ``N`` must be at most :data:`MAX_NETWORK_ROWS`; ``x`` is left unchanged."""
     _require_numba()
     K, N, C = x.shape
     if N > MAX_NETWORK_ROWS:
         raise ValueError(f"scan_lanes sorts at most {MAX_NETWORK_ROWS} values per unit, got {N}")
     kb, nb = _lane_blocks(K, C)
-    size = nb * N * kb * C
-    t = (scratch[:size] if scratch is not None and scratch.size >= size else np.empty(size, np.float32))
-    t = t.reshape(nb, N, kb, C)
-    full = K // kb  # transpose to blocks of kb steps: t[b, n, s, c] = x[b*kb + s, n, c]
-    t[:full] = x[: full * kb].reshape(full, kb, N, C).transpose(0, 2, 1, 3)
-    if full < nb:
-        rest = K - full * kb
-        t[full, :, :rest] = x[full * kb:].transpose(1, 0, 2)
-        t[full, :, rest:] = 0.0
     comps, lo, hi, frac = _quantile_plan(N, quantiles)
     nbins = hist[2] if hist is not None else 0
     lanes = nb * kb * C
     res = np.empty((len(LANE_OUTPUTS) + len(quantiles), lanes), np.float32)
     counts = np.zeros((lanes, nbins + 3), np.float32) if hist is not None else np.zeros((1, 1), np.float32)
-    _scan_lane_blocks(t.reshape(nb, N, kb * C), comps, lo, hi, frac,
-                      *_kernel_args(min_max, sat, zero_eps, True, hist), res, counts)
+    _scan_lane_blocks(x, kb, comps, lo, hi, frac, *_kernel_args(min_max, sat, zero_eps, True, hist), res, counts)
     n = K * C
     want = (True, True, min_max, min_max, sat is not None, zero_eps is not None, True)
     out = {name: res[i, :n].reshape(K, C) for i, name in enumerate(LANE_OUTPUTS) if want[i]}
@@ -394,10 +395,3 @@ def _lane_blocks(K: int, C: int) -> tuple[int, int]:
     """(steps per lane block, number of blocks): a block holds whole steps, ~_LANE_BLOCK lanes."""
     kb = max(1, min(K, _LANE_BLOCK // C))
     return kb, -(-K // kb)
-
-
-def scratch_size(shape: tuple[int, int, int]) -> int:
-    """Float32 values :func:`scan_lanes` needs for its transposed copy of an array of ``shape``."""
-    K, N, C = shape
-    kb, nb = _lane_blocks(K, C)
-    return nb * N * kb * C

@@ -186,10 +186,8 @@ class Reducer:
     def _scan_lanes(self, x: torch.Tensor, edges) -> dict[str, torch.Tensor]:
         """Every statistic, quantiles included, of a [K, N, C, 1] view with units as SIMD lanes
         (:func:`icsk.kernels.scan_lanes`)."""
-        K, N, C, _ = x.shape
-        scratch = self._buf("lanes", (kernels.scratch_size((K, N, C)),), torch.float32, x.device)
-        res = kernels.scan_lanes(x.select(3, 0).numpy(), quantiles=self._lane_quantiles,
-                                 **self._kernel_options(edges), scratch=scratch.numpy())
+        # numpy indexing, not a torch op: on the reducer thread every torch op hands the GIL over
+        res = kernels.scan_lanes(x.numpy()[..., 0], quantiles=self._lane_quantiles, **self._kernel_options(edges))
         return {s: torch.from_numpy(v) for s, v in res.items() if s in self._outputs}
 
     def _kernel_options(self, edges) -> dict:

@@ -196,6 +196,17 @@ def test_lanes_kernel_and_torch_path_agree_exactly():
             torch.testing.assert_close(lanes[stat], plain[stat], rtol=0, atol=0, equal_nan=True, msg=stat)
 
 
+def test_lanes_kernel_reads_strided_views():
+    """A non-contiguous [K, N, C, 1] view (every other unit) gives what its contiguous copy gives."""
+    wide = awkward_dense(6, 30, 90, seed=5)
+    view = wide[:, :, ::2]
+    assert not view.is_contiguous()
+    spec = StatSpec(stats=ALL_STATS, quantiles=QS, hist_bins=BINS)
+    got, want = Reducer(spec)(view, EDGES), Reducer(spec)(view.contiguous(), EDGES)
+    for stat in want:
+        torch.testing.assert_close(got[stat], want[stat], rtol=0, atol=0, equal_nan=True, msg=stat)
+
+
 def test_lanes_kernel_leaves_its_input_and_skips_large_batches(monkeypatch):
     x = awkward_dense(3, 20, 7)
     before = x.clone()
