@@ -8,6 +8,9 @@ ratio is the median over repeats. Peers record the same statistics as icsk:
 * ``fastai-item``: fastai ``ActivationStats`` pattern, ``.item()`` per statistic (layer level).
 
 Usage: python scripts/bench_recorder.py [--quick] [--device cuda] [--write reports/benchmarks.md]
+
+``--base REV`` also times the Recorder of git revision REV in the same rounds (an in-process A/B
+of a change; no --write): ``python scripts/bench_recorder.py --peers none --only mlp --base HEAD~1``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -112,8 +116,8 @@ class FastaiItem(PeerHooks):
 
 
 class IcskRec:
-    def __init__(self, model, layers, stats, folder):
-        self.rec = icsk.Recorder(model, layers=layers, stats=stats, path=folder, hist_range=(-3.0, 3.0))
+    def __init__(self, model, layers, stats, folder, recorder=icsk.Recorder):
+        self.rec = recorder(model, layers=layers, stats=stats, path=folder, hist_range=(-3.0, 3.0))
 
     def __enter__(self):
         self.rec.__enter__()
@@ -153,15 +157,34 @@ def median_ci(ratios: list[float], level: float = 0.95, resamples: int = 4000) -
     return tuple(float(v) for v in np.quantile(meds, [(1 - level) / 2, (1 + level) / 2]))
 
 
-def measure(name, model, x, y, layer_names, stats, steps_per_block, repeats, warmup_blocks=1, peers=PEERS):
+def base_recorder(rev: str) -> type:
+    """``icsk.Recorder`` as of git revision ``rev``: its ``icsk/`` extracted to a temporary
+    folder and imported as ``icsk_base`` (the package imports itself relatively)."""
+    root = Path(__file__).resolve().parent.parent
+    folder = Path(tempfile.mkdtemp(prefix="icsk-base-"))
+    archive = subprocess.run(["git", "archive", rev, "icsk"], cwd=root, capture_output=True)
+    if archive.returncode != 0:
+        sys.exit(f"--base {rev}: git archive failed: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    (folder / "icsk").rename(folder / "icsk_base")
+    sys.path.insert(0, str(folder))
+    import icsk_base
+
+    return icsk_base.Recorder
+
+
+def measure(name, model, x, y, layer_names, stats, steps_per_block, repeats, warmup_blocks=1, peers=PEERS,
+            base: type | None = None):
     """Interleaved blocks of every configuration, one round after another, and a last plain block.
 
     Returns ``{config: (median seconds/step, median ratio, first quartile, third quartile,
-    95 % bootstrap interval of the median ratio)}``
+    95 % bootstrap interval of the median ratio, seconds/step of each round)}``
     over rounds. A round's ratio is the config's block time over the mean of the plain block
     that opens its round and the one that opens the next round, so a drift of the machine's
-    speed (this VM has them) cancels out to first order. On a GPU each block's clock starts and
-    stops with the device idle (``torch.cuda.synchronize``)."""
+    speed (this VM has them) cancels out to first order. The plain block opens every round; the
+    others run in reverse order every other round, so none always runs right after plain. On a
+    GPU each block's clock starts and stops with the device idle (``torch.cuda.synchronize``).
+    ``base``: a Recorder class timed as config ``"base"`` too."""
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     step = make_step(model, x, y)
     modules = {n: dict(model.named_modules())[n] for n in layer_names}
@@ -175,6 +198,8 @@ def measure(name, model, x, y, layer_names, stats, steps_per_block, repeats, war
         "fastai-item": FastaiItem(modules, stats),
     }
     configs = {k: v for k, v in configs.items() if k in ("plain", "icsk") or k in peers}
+    if base is not None:
+        configs["base"] = IcskRec(model, layer_names, stats, tempfile.mkdtemp(prefix="icsk-bench-base-"), base)
 
     def block(ctx) -> float:
         gc.collect()
@@ -199,22 +224,25 @@ def measure(name, model, x, y, layer_names, stats, steps_per_block, repeats, war
         return dt / steps_per_block
 
     times: dict[str, list[float]] = {k: [] for k in configs}
+    others = [k for k in configs if k != "plain"]
     for r in range(warmup_blocks + repeats):
-        for cname, ctx in configs.items():
-            dt = block(ctx)
+        for cname in ["plain", *(others if r % 2 == 0 else others[::-1])]:
+            dt = block(configs[cname])
             if r >= warmup_blocks:
                 times[cname].append(dt)
         print(f"  [{name}] round {r + 1}/{warmup_blocks + repeats} done", file=sys.stderr, flush=True)
     closing_plain = block(None)
-    rec.rec.close()
-    shutil.rmtree(folder, ignore_errors=True)  # the recorded statistics are not needed afterwards
+    for ctx in configs.values():
+        if isinstance(ctx, IcskRec):
+            ctx.rec.close()
+            shutil.rmtree(ctx.rec.path, ignore_errors=True)  # the recorded statistics are not needed afterwards
     plain = times["plain"]
     brackets = [(a + b) / 2 for a, b in zip(plain, plain[1:] + [closing_plain], strict=True)]
     out = {}
     for k, v in times.items():
         ratios = sorted(t / p for t, p in zip(v, brackets, strict=True))
         q1, q3 = (float(np.quantile(ratios, q)) for q in (0.25, 0.75))
-        out[k] = (statistics.median(v), statistics.median(ratios), q1, q3, median_ci(ratios))
+        out[k] = (statistics.median(v), statistics.median(ratios), q1, q3, median_ci(ratios), v)
     return out
 
 
@@ -295,6 +323,9 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="where models and hooks run; cuda times the MLP once (no thread settings) and skips "
                          "the CPU-only memory and reduction-cost tables")
+    ap.add_argument("--base", default=None, metavar="REV",
+                    help="also time the Recorder of git revision REV in the same rounds and print icsk/base per "
+                         "round with a 95%% interval (an A/B of a change; no --write)")
     ap.add_argument("--write", type=Path, default=None, help="replace the '## Recorder overhead' section of this markdown file")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -307,7 +338,8 @@ def main() -> None:
     if bad := set(args.peers) - set(PEERS):
         ap.error(f"--peers: unknown peer(s) {sorted(bad)}; choose from {','.join(PEERS)} or 'none'")
     dev = torch.device(args.device)
-    partial = bool(args.only) or args.peers != list(PEERS)  # not the full table: nothing written
+    partial = bool(args.only) or args.peers != list(PEERS) or bool(args.base)  # not the full table: nothing written
+    base = base_recorder(args.base) if args.base else None
     if partial:
         args.write = None
     if partial or gpu:
@@ -321,7 +353,7 @@ def main() -> None:
         torch.set_num_threads(threads)
         res = measure(f"mlp, {where(threads)}", mlp().to(dev), torch.randn(60, 784, device=dev), torch.randint(0, 10, (60,), device=dev),
                       ["1", "3", "5"], ("mean", "var", "quantiles"), steps_per_block=128 if args.quick else (512 if gpu else 1536),
-                      repeats=mlp_reps, peers=args.peers)
+                      repeats=mlp_reps, peers=args.peers, base=base)
         rows.append((f"Ioffe MLP 784-100x3-10, batch 60, {where(threads)}: mean/var/q.15/.5/.85 "
                      "of 3 sigmoid layers, every step", res, 1.15))
     torch.set_num_threads(default_threads)
@@ -330,7 +362,7 @@ def main() -> None:
     res = None if args.only == "mlp" else measure(
         "vgg", v, torch.randn(128, 3, 32, 32, device=dev), torch.randint(0, 10, (128,), device=dev), convs,
         ("mean", "var", "hist"), steps_per_block=(5 if gpu else 2) if args.quick else (20 if gpu else 3), repeats=reps,
-        peers=args.peers)
+        peers=args.peers, base=base)
     if res is not None:
         rows.append((f"VGG-small 32x32, batch 128, {where(default_threads)}: mean/var + 32-bin "
                      "histogram of 4 conv layers, every step", res, 1.05))
@@ -354,6 +386,13 @@ def main() -> None:
         lines += ["", f"Per-step reduction cost of each VGG conv output on the CPU ({torch.get_num_threads()} threads; "
                   "mean/var + 32-bin histogram, medians of interleaved repeats):", ""]
         lines += reduction_costs(repeats=max(5, reps))
+    if base is not None:
+        lines.append("")
+        for title, r, _ in rows:
+            ab = [a / b for a, b in zip(r["icsk"][5], r["base"][5], strict=True)]
+            lo, hi = median_ci(ab)
+            lines.append(f"{title}: icsk@{args.base} {r['base'][1]:.3f}x; this tree / {args.base}, per round: "
+                         f"median {statistics.median(ab):.3f} (95 % interval {lo:.3f} to {hi:.3f})")
     table = "\n".join(lines)
     print(table)
     if args.write:
