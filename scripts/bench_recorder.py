@@ -404,7 +404,8 @@ def main() -> None:
                    f"{os.cpu_count()} CPUs, torch {torch.__version__}; medians of {mlp_reps} (MLP) and {reps} (VGG) "
                    "interleaved rounds after a warm-up round. A round's ratio is (step time with hooks) / (mean "
                    "plain step time of the plain blocks that open this round and the next); the middle half of "
-                   f"rounds is the range from the first to the third quartile of those ratios.\n\n{table}\n")
+                   "rounds is the range from the first to the third quartile of those ratios. The plain block opens "
+                   f"every round; the other configurations run in reverse order every other round.\n\n{table}\n")
         write_section(args.write, heading, section)
 
 
