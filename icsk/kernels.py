@@ -167,7 +167,7 @@ if numba is not None:
         K, N, C = x.shape
         W = kb * C
         nb = -(-K // kb)
-        blk = np.zeros((N, W), np.float32)  # lanes past a short last block stay 0 (ignored)
+        blk = np.zeros((N, W), np.float32)  # lanes past a short last block keep old values; their results are dropped
         f0 = np.float32(0.0)
         top = np.float32(nbins + 1)
         drop = nbins + 2

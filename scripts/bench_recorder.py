@@ -16,6 +16,7 @@ of a change; no --write): ``python scripts/bench_recorder.py --peers none --only
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import os
 import platform
@@ -162,6 +163,7 @@ def base_recorder(rev: str) -> type:
     folder and imported as ``icsk_base`` (the package imports itself relatively)."""
     root = Path(__file__).resolve().parent.parent
     folder = Path(tempfile.mkdtemp(prefix="icsk-base-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     archive = subprocess.run(["git", "archive", rev, "icsk"], cwd=root, capture_output=True)
     if archive.returncode != 0:
         sys.exit(f"--base {rev}: git archive failed: {archive.stderr.decode().strip()}")
