@@ -429,7 +429,7 @@ class Recorder:
             state.counts.append(m)
             return
         # the activation's own layout [N, C, S...], so staging is a plain copy (a transposing
-        # copy costs ~4x); the reduction transposes the whole stage at once when it needs to
+        # copy costs ~4x); the reduction reorders it where it needs to (block by block for dense layers)
         for _ in range(2):  # double buffer: one fills while the other is reduced
             stage = torch.empty(k, n, c, m // n, dtype=torch.float32, device=x.device)
             state.buffers.append((stage, [stage[i].view(xc.shape) for i in range(k)]))
