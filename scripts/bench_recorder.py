@@ -117,8 +117,11 @@ class FastaiItem(PeerHooks):
 
 
 class IcskRec:
-    def __init__(self, model, layers, stats, folder, recorder=icsk.Recorder):
-        self.rec = recorder(model, layers=layers, stats=stats, path=folder, hist_range=(-3.0, 3.0))
+    """A Recorder (``recorder``: icsk's or a base revision's) writing to a temporary run folder."""
+
+    def __init__(self, model, layers, stats, recorder=icsk.Recorder):
+        self.rec = recorder(model, layers=layers, stats=stats, path=tempfile.mkdtemp(prefix="icsk-bench-"),
+                            hist_range=(-3.0, 3.0))
 
     def __enter__(self):
         self.rec.__enter__()
@@ -133,6 +136,11 @@ class IcskRec:
     def drain(self):
         """Finish the block's background reductions and writes, so they count in its time."""
         self.rec.flush(wait=True)
+
+    def close(self):
+        """Flush, then delete the run folder (the recorded statistics are not needed afterwards)."""
+        self.rec.close()
+        shutil.rmtree(self.rec.path, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- timing
@@ -190,18 +198,16 @@ def measure(name, model, x, y, layer_names, stats, steps_per_block, repeats, war
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     step = make_step(model, x, y)
     modules = {n: dict(model.named_modules())[n] for n in layer_names}
-    folder = tempfile.mkdtemp(prefix="icsk-bench-")
-    rec = IcskRec(model, layer_names, stats, folder)
     configs = {
         "plain": None,
-        "icsk": rec,
+        "icsk": IcskRec(model, layer_names, stats),
         "naive-numpy": NaiveNumpy(modules, stats),
         "torch-simple": TorchSimple(modules, stats),
         "fastai-item": FastaiItem(modules, stats),
     }
     configs = {k: v for k, v in configs.items() if k in ("plain", "icsk") or k in peers}
     if base is not None:
-        configs["base"] = IcskRec(model, layer_names, stats, tempfile.mkdtemp(prefix="icsk-bench-base-"), base)
+        configs["base"] = IcskRec(model, layer_names, stats, base)
 
     def block(ctx) -> float:
         gc.collect()
@@ -236,8 +242,7 @@ def measure(name, model, x, y, layer_names, stats, steps_per_block, repeats, war
     closing_plain = block(None)
     for ctx in configs.values():
         if isinstance(ctx, IcskRec):
-            ctx.rec.close()
-            shutil.rmtree(ctx.rec.path, ignore_errors=True)  # the recorded statistics are not needed afterwards
+            ctx.close()
     plain = times["plain"]
     brackets = [(a + b) / 2 for a, b in zip(plain, plain[1:] + [closing_plain], strict=True)]
     out = {}
