@@ -85,6 +85,19 @@ def test_variance_survives_a_large_offset():
     torch.testing.assert_close(out["var"][0].double(), want, rtol=1e-4, atol=0)
 
 
+def test_rows_whose_sums_overflow_are_counted_exactly():
+    """A finite row sum proves a row finite; a sum that overflows on finite values must still
+    give nonfinite 0 and exact min/max (the kernel then counts NaN and inf value by value)."""
+    x = torch.zeros(1, 4, 3, 32)
+    x[0, 1, 0, :8] = 3e38  # finite values whose sum overflows float32
+    x[0, 2, 1, 5] = float("nan")
+    x[0, 3, 2, 7] = -float("inf")
+    out = kernels.scan(x.numpy(), min_max=True, sat=None, zero_eps=None, nonfinite=True, hist=None, threads=1)
+    np.testing.assert_array_equal(out["nonfinite"][0], [0, 1, 1])
+    np.testing.assert_array_equal(out["max"][0], [np.float32(3e38), np.nan, 0.0])
+    np.testing.assert_array_equal(out["min"][0], [0.0, np.nan, -np.inf])
+
+
 def test_small_rows_channels_last_and_disabled_use_the_torch_path(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("fused kernel used")
