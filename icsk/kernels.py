@@ -46,6 +46,7 @@ MIN_ROW = 16  # rows (spatial positions per sample) shorter than this stay on th
 MAX_NETWORK_ROWS = 256  # scan_lanes sorts up to this many values per unit with a network
 _LANE_BLOCK = 512  # lanes per block: N x 512 float32 values stay in L2
 _GROUP_VALUES = 8192  # scan reads about this many adjacent values (32 KB) of one sample at a time
+_GROUP_HIST_BYTES = 256 * 1024  # at most this much sub-histogram memory per group
 _parallel_lock = threading.Lock()  # numba's default threading layer must not run two parallel kernels at once
 
 
@@ -338,7 +339,10 @@ def scan(x: np.ndarray, *, min_max: bool, sat: float | None, zero_eps: float | N
     extra = np.empty((K, C, 5), np.float32)
     counts = np.empty((K, C, nbins + 2), np.float32)
     threads = min(int(threads), numba.config.NUMBA_NUM_THREADS)
-    group = max(1, min(_GROUP_VALUES // S, -(-K * C // (2 * threads))))  # >= 2 groups per thread
+    group = min(_GROUP_VALUES // S, -(-K * C // (2 * threads)))  # >= 2 groups per thread
+    if hist is not None:  # a unit's eight int64 sub-histograms: keep a group's within L2
+        group = min(group, _GROUP_HIST_BYTES // (64 * (nbins + 3)))
+    group = max(1, group)
     args = (x, group, *_kernel_args(min_max, sat, zero_eps, nonfinite, hist), moments, extra, counts)
     if threads > 1 and _parallel_lock.acquire(blocking=False):
         try:
