@@ -10,7 +10,8 @@ the same tensor; see reports/benchmarks.md). It takes units in groups whose rows
 samples: the reads stream, where a row at a time jumped a page per row and ran at a third of
 the speed. Groups are split across threads. Every statistic is a loop over a row that LLVM
 vectorises, except the histogram's counting, which goes to eight sub-histograms in turn so that
-neighbouring values rarely wait on the same counter. A finite row sum proves a row free of NaN
+neighbouring values rarely wait on the same counter (one, for units with fewer values than that
+has counters). A finite row sum proves a row free of NaN
 and inf, so values are checked one by one only in rows whose sums are not finite.
 
 Numerics: row sums are float32 around a per-unit shift (the mean of the unit's first row),
@@ -76,6 +77,19 @@ if numba is not None:
         return a1, a2
 
     @njit(cache=True, nogil=True, inline="always")
+    def _running_min_max(row, lo, hi):  # pragma: no cover - compiled
+        """``lo[i] = min(lo[i], row[i])`` and ``hi[i] = max(...)``, vectorised: a select plus
+        "+ 0" keeps LLVM from masked stores (slow on AMD); it turns -0.0 into +0.0. NaN is
+        skipped here (callers count it and report NaN)."""
+        f0 = np.float32(0.0)
+        for i in range(row.shape[0]):
+            v = row[i]
+            a = lo[i]
+            b = hi[i]
+            lo[i] = (v if v < a else a) + f0
+            hi[i] = (v if v > b else b) + f0
+
+    @njit(cache=True, nogil=True, inline="always")
     def _bin(v, origin, scale, top, drop):  # pragma: no cover - compiled
         """Histogram bin of v: the same float32 ops as the torch path; NaN -> ``drop``."""
         t = (v - origin) * scale
@@ -94,7 +108,7 @@ if numba is not None:
         return n_nan, n_inf
 
     @njit(cache=True, nogil=True)
-    def _units(x, k, c0, c1, flags, origin, scale, nbins, sat, eps, moments, extra, hist):  # pragma: no cover - compiled
+    def _units(x, k, c0, c1, nsub, flags, origin, scale, nbins, sat, eps, moments, extra, hist):  # pragma: no cover - compiled
         """Statistics of units ``c0 <= c < c1`` at stacked step ``k`` of ``x`` [K, N, C, S],
         sample by sample: the group's rows of one sample are adjacent in memory, so the scan
         streams instead of jumping a page per row."""
@@ -110,7 +124,7 @@ if numba is not None:
         s2 = np.zeros(G)
         counts = np.zeros((G, 4), dtype=np.int64)  # |x| > sat, |x| <= eps, NaN, +-inf
         codes = np.empty(S, dtype=np.int32)
-        sub = np.zeros((G, 8 * width if want_hist else 0), dtype=np.int64)
+        sub = np.zeros((G, nsub * width if want_hist else 0), dtype=np.int64)
         mns = np.full((G, S if want_min_max else 0), np.inf, dtype=np.float32)  # running min / max
         mxs = np.full((G, S if want_min_max else 0), -np.inf, dtype=np.float32)  # per position in a row
         for g in range(G):
@@ -130,14 +144,7 @@ if numba is not None:
                     counts[g, 2] += a
                     counts[g, 3] += b
                 if want_min_max:
-                    lo = mns[g]
-                    hi = mxs[g]
-                    for i in range(S):  # "+ 0" keeps LLVM from masked stores (slow on AMD); -0.0 -> +0.0
-                        v = row[i]
-                        a = lo[i]
-                        b = hi[i]
-                        lo[i] = (v if v < a else a) + f0
-                        hi[i] = (v if v > b else b) + f0
+                    _running_min_max(row, mns[g], mxs[g])
                 if want_sat:
                     m = 0
                     for i in range(S):
@@ -152,8 +159,12 @@ if numba is not None:
                     for i in range(S):
                         codes[i] = _bin(row[i], origin, scale, top, drop)
                     h = sub[g]
-                    for i in range(S):  # eight sub-histograms: neighbours rarely hit the same counter;
-                        h[np.uint64(codes[i]) + np.uint64(i & 7) * np.uint64(width)] += 1  # unsigned: no wraparound test
+                    if nsub == 8:  # neighbours rarely hit the same counter; unsigned: no wraparound test
+                        for i in range(S):  # (a constant mask: unrolled by 8, the offsets are constants)
+                            h[np.uint64(codes[i]) + np.uint64(i & 7) * np.uint64(width)] += 1
+                    else:
+                        for i in range(S):
+                            h[np.uint64(codes[i])] += 1
         m = N * S
         for g in range(G):
             c = c0 + g
@@ -176,25 +187,25 @@ if numba is not None:
             if want_hist:
                 for b in range(nbins + 2):
                     t = 0
-                    for j in range(8):
+                    for j in range(nsub):
                         t += sub[g, j * width + b]
                     hist[k, c, b] = t
 
     @njit(cache=True, nogil=True)
-    def _scan_serial(x, group, flags, origin, scale, nbins, sat, eps, moments, extra, hist):  # pragma: no cover
+    def _scan_serial(x, group, nsub, flags, origin, scale, nbins, sat, eps, moments, extra, hist):  # pragma: no cover
         C = x.shape[2]
         per_step = -(-C // group)
         for j in range(x.shape[0] * per_step):
             c0 = (j % per_step) * group
-            _units(x, j // per_step, c0, min(c0 + group, C), flags, origin, scale, nbins, sat, eps, moments, extra, hist)
+            _units(x, j // per_step, c0, min(c0 + group, C), nsub, flags, origin, scale, nbins, sat, eps, moments, extra, hist)
 
     @njit(cache=True, nogil=True, parallel=True)
-    def _scan_parallel(x, group, flags, origin, scale, nbins, sat, eps, moments, extra, hist):  # pragma: no cover
+    def _scan_parallel(x, group, nsub, flags, origin, scale, nbins, sat, eps, moments, extra, hist):  # pragma: no cover
         C = x.shape[2]
         per_step = -(-C // group)
         for j in prange(x.shape[0] * per_step):
             c0 = (j % per_step) * group
-            _units(x, j // per_step, c0, min(c0 + group, C), flags, origin, scale, nbins, sat, eps, moments, extra, hist)
+            _units(x, j // per_step, c0, min(c0 + group, C), nsub, flags, origin, scale, nbins, sat, eps, moments, extra, hist)
 
     @njit(cache=True, nogil=True)
     def _scan_lane_blocks(x, kb, comps, qlo, qhi, qfrac, flags, origin, scale, nbins, sat, eps,
@@ -221,7 +232,6 @@ if numba is not None:
         n_inf = np.empty(W, np.int32)
         n_sat = np.empty(W, np.int32)
         n_zero = np.empty(W, np.int32)
-        hb = np.zeros((nbins + 3 if want_hist else 0, W), np.int32)
         for b in range(nb):
             o = b * W
             for j in range(min(kb, K - b * kb)):  # the block's steps, side by side
@@ -243,21 +253,16 @@ if numba is not None:
                 for i in range(W):
                     s1[i] += r[i]
                 if want_min_max:
-                    for i in range(W):  # "+ 0": no masked stores, as in the sorting network below
-                        v = r[i]
-                        a = mn[i]
-                        b = mx[i]
-                        mn[i] = (v if v < a else a) + f0
-                        mx[i] = (v if v > b else b) + f0
+                    _running_min_max(r, mn, mx)
                 if want_sat:
                     for i in range(W):
                         n_sat[i] += abs(r[i]) > sat
                 if want_zero:
                     for i in range(W):
                         n_zero[i] += abs(r[i]) <= eps
-                if want_hist:  # bins x lanes: lanes in the same bin share cache lines
+                if want_hist:
                     for i in range(W):
-                        hb[np.uint64(_bin(r[i], origin, scale, top, drop)), np.uint64(i)] += 1
+                        hist[o + i, _bin(r[i], origin, scale, top, drop)] += 1
             finite = True  # NaN and inf propagate into the sum: a finite sum proves a finite lane
             for i in range(W):
                 finite &= np.isfinite(s1[i])
@@ -275,11 +280,6 @@ if numba is not None:
                 for i in range(W):
                     d = r[i] - mean[i]
                     s2[i] += d * d
-            if want_hist:
-                for h in range(nbins + 3):
-                    for i in range(W):
-                        hist[o + i, h] = hb[h, i]
-                        hb[h, i] = 0
             for i in range(W):
                 res[0, o + i] = mean[i]
                 res[1, o + i] = s2[i] / np.float32(N - 1) if N > 1 else np.nan
@@ -333,17 +333,19 @@ def scan(x: np.ndarray, *, min_max: bool, sat: float | None, zero_eps: float | N
     ``clamp(int((v - origin) * scale), 0, B+1)`` computed in float32. ``threads`` > 1 splits
     units across numba threads (one parallel kernel at a time per process)."""
     _require_numba()
-    K, _, C, S = x.shape
+    K, N, C, S = x.shape
     nbins = hist[2] if hist is not None else 0
     moments = np.empty((K, C, 2), np.float32)
     extra = np.empty((K, C, 5), np.float32)
     counts = np.empty((K, C, nbins + 2), np.float32)
     threads = min(int(threads), numba.config.NUMBA_NUM_THREADS)
-    group = min(_GROUP_VALUES // S, -(-K * C // (2 * threads)))  # >= 2 groups per thread
-    if hist is not None:  # a unit's eight int64 sub-histograms: keep a group's within L2
-        group = min(group, _GROUP_HIST_BYTES // (64 * (nbins + 3)))
+    group = min(_GROUP_VALUES // S, -(-K * C // (2 * threads)))  # about two groups per thread or more
+    # eight sub-histograms per unit, or one when a unit has fewer values than eight would have counters
+    nsub = 8 if N * S >= 8 * (nbins + 3) else 1  # (the kernel knows these two)
+    if hist is not None:  # keep a group's int64 sub-histograms within L2
+        group = min(group, _GROUP_HIST_BYTES // (8 * nsub * (nbins + 3)))
     group = max(1, group)
-    args = (x, group, *_kernel_args(min_max, sat, zero_eps, nonfinite, hist), moments, extra, counts)
+    args = (x, group, nsub, *_kernel_args(min_max, sat, zero_eps, nonfinite, hist), moments, extra, counts)
     if threads > 1 and _parallel_lock.acquire(blocking=False):
         try:
             numba.set_num_threads(threads)
