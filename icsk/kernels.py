@@ -43,7 +43,7 @@ import threading
 
 import numpy as np
 
-MIN_ROW = 16  # rows (spatial positions per sample) shorter than this stay on the torch path
+MIN_ROW = 2  # rows (spatial positions per sample) shorter than this stay on the torch path (or go to scan_lanes)
 MAX_NETWORK_ROWS = 256  # scan_lanes sorts up to this many values per unit with a network
 _LANE_BLOCK = 512  # lanes per block: N x 512 float32 values stay in L2
 _GROUP_VALUES = 8192  # scan reads about this many adjacent values (32 KB) of one sample at a time

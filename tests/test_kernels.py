@@ -33,9 +33,9 @@ def awkward(k: int, n: int, c: int, s: int, seed: int = 0, at_edges: bool = Fals
         near = torch.cat([edges, torch.nextafter(edges, edges + 1), torch.nextafter(edges, edges - 1)])
         x[0].view(-1)[: len(near)] = near  # spread over the first units of step 0
     x[-1, 0, c - 1, :5] = 0.0
-    x[0, 0, 1 % c, 3] = float("nan")
-    x[-1, n - 1, 0, 2] = float("inf")
-    x[-1, n - 1, 0, 4] = -float("inf")
+    x[0, 0, 1 % c, 3 % s] = float("nan")
+    x[-1, n - 1, 0, 2 % s] = float("inf")
+    x[-1, n - 1, 0, 4 % s] = -float("inf")
     return x
 
 
@@ -49,7 +49,7 @@ def ref_of(x4: torch.Tensor, k: int) -> dict[str, np.ndarray]:
     return ref
 
 
-@pytest.mark.parametrize("shape", [(1, 6, 3, 16), (2, 5, 4, 49), (3, 2, 7, 1024), (2, 5, 11, 64)])
+@pytest.mark.parametrize("shape", [(1, 6, 3, 16), (2, 5, 4, 49), (3, 2, 7, 1024), (2, 5, 11, 64), (2, 9, 13, 2), (1, 4, 6, 5)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_fused_matches_float64_reference(shape, threads):
     """Unit groups of the kernel end short of C in several of these shapes (one seed per thread
@@ -128,7 +128,7 @@ def test_small_rows_channels_last_and_disabled_use_the_torch_path(monkeypatch):
 
     spec = StatSpec(stats=("mean", "var", "hist"), hist_bins=4)
     monkeypatch.setattr(kernels, "scan", boom)
-    Reducer(spec)(torch.randn(1, 8, 3, kernels.MIN_ROW - 1), (-1.0, 1.0))  # rows too short
+    Reducer(spec)(torch.randn(1, kernels.MAX_NETWORK_ROWS + 1, 3, kernels.MIN_ROW - 1), (-1.0, 1.0))  # rows too short
     Reducer(spec)(torch.randn(1, 8, 20, 3).transpose(2, 3), (-1.0, 1.0))  # not contiguous
     Reducer(spec, fused=False)(torch.randn(1, 8, 3, 64), (-1.0, 1.0))
     monkeypatch.setenv("ICSK_FUSED", "0")
