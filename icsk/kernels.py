@@ -11,8 +11,9 @@ samples: the reads stream, where a row at a time jumped a page per row and ran a
 the speed. Groups are split across threads. Every statistic is a loop over a row that LLVM
 vectorises, except the histogram's counting, which goes to eight sub-histograms in turn so that
 neighbouring values rarely wait on the same counter (one, for units with fewer values than that
-has counters). A finite row sum proves a row free of NaN
-and inf, so values are checked one by one only in rows whose sums are not finite.
+has counters). A finite row sum proves a row free of NaN and inf, so values are checked one by
+one only in rows whose sums are not finite. Rows of a single value go to :func:`scan_lanes`
+or the torch path instead.
 
 Numerics: row sums are float32 around a per-unit shift (the mean of the unit's first row),
 accumulated across rows in float64, so the one-pass variance does not cancel. Histogram bins
