@@ -339,7 +339,7 @@ def scan(x: np.ndarray, *, min_max: bool, sat: float | None, zero_eps: float | N
     moments = np.empty((K, C, 2), np.float32)
     extra = np.empty((K, C, 5), np.float32)
     counts = np.empty((K, C, nbins + 2), np.float32)
-    threads = min(int(threads), numba.config.NUMBA_NUM_THREADS)
+    threads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
     group = min(_GROUP_VALUES // S, -(-K * C // (2 * threads)))  # about two groups per thread or more
     # eight sub-histograms per unit, or one when a unit has fewer values than eight would have counters
     nsub = 8 if N * S >= 8 * (nbins + 3) else 1  # (the kernel knows these two)
