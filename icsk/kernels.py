@@ -342,7 +342,7 @@ def scan(x: np.ndarray, *, min_max: bool, sat: float | None, zero_eps: float | N
     threads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
     group = min(_GROUP_VALUES // S, -(-K * C // (2 * threads)))  # about two groups per thread or more
     # eight sub-histograms per unit, or one when a unit has fewer values than eight would have counters
-    nsub = 8 if N * S >= 8 * (nbins + 3) else 1  # (the kernel knows these two)
+    nsub = 8 if N * S >= 8 * (nbins + 3) else 1  # _units handles exactly these two values
     if hist is not None:  # keep a group's int64 sub-histograms within L2
         group = min(group, _GROUP_HIST_BYTES // (8 * nsub * (nbins + 3)))
     group = max(1, group)
