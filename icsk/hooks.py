@@ -75,6 +75,10 @@ def _is_linear_or_conv(name: str, module: nn.Module) -> bool:
 
 
 def _no_match_message(sel: Any, names: list[str]) -> str:
+    if not names:
+        return ("the model has no submodules to record; to record the model itself, select it in a "
+                "wrapper: Recorder(nn.Sequential(model), layers=['0']) (the hooks go on the model, "
+                "so calling model(x) as before records it)")
     if isinstance(sel, str):
         near = difflib.get_close_matches(sel, names, n=5, cutoff=0.3) or names[:5]
         return f"layer {sel!r} matches no module of the model; nearest valid names: {near}"

@@ -354,6 +354,17 @@ def test_layer_selection_and_errors():
         icsk.Recorder(model, layers=["head"], stats=["mean", "kurtosis"])
 
 
+def test_a_model_without_submodules_is_recorded_through_the_wrapper_the_error_names():
+    lin = nn.Linear(3, 2)
+    with pytest.raises(icsk.RecorderError, match=r"no submodules.*nn\.Sequential\(model\), layers=\['0'\]"):
+        icsk.Recorder(lin)
+    x = torch.randn(5, 3)
+    with icsk.Recorder(nn.Sequential(lin), layers=["0"], stats=["mean"]) as rec:
+        lin(x)  # the user's own module, called as before
+        rec.step()
+    np.testing.assert_allclose(frame_values(rec.to_frame(), 0, "0", "mean"), lin(x).mean(0).detach().numpy(), rtol=1e-6)
+
+
 class TupleOut(nn.Module):
     def forward(self, x):
         return x * 2, {"aux": x}
