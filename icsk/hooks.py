@@ -535,11 +535,13 @@ class Recorder:
     def _meta(self) -> dict:
         """What a reader needs besides the chunks: layers, units, statistics, histogram edges."""
         layers = {}
-        for (layer, _mode), st in self._states.items():
+        for (layer, mode), st in sorted(self._states.items(), key=lambda kv: kv[0][1] != "train"):
             info = layers.setdefault(layer, {"units": st.units})
-            if st.edges is not None:
+            if st.edges is not None and "hist" in self.spec.stats:
                 lo, hi = st.edges
-                info["hist_edges"] = np.linspace(lo, hi, self.spec.hist_bins + 1).tolist()
+                edges = np.linspace(lo, hi, self.spec.hist_bins + 1).tolist()
+                info.setdefault("hist_edges", edges)  # training mode's, when recorded
+                info.setdefault("hist_edges_by_mode", {})[mode] = edges
         return (
             {
                 "layers": layers,

@@ -264,20 +264,25 @@ def read_recorder_meta(stats_dir: str | os.PathLike) -> dict:
 
 
 def read_histograms(stats_dir: str | os.PathLike, layers=None, steps=None, mode: str | None = "train") -> pd.DataFrame:
-    """Histograms as ``step, layer, unit, bin, left, right, count``; bin 0 is the underflow
-    bin (left = -inf) and bin B+1 the overflow bin (right = +inf)."""
+    """Histograms as ``step, layer, unit, bin, left, right, count`` (plus ``mode`` when
+    ``mode`` is None); bin 0 is the underflow bin (left = -inf) and bin B+1 the overflow bin
+    (right = +inf)."""
     meta = read_recorder_meta(stats_dir)
     table = read_chunks(stats_dir, filters=stats_filters(layers, ["hist"], steps, mode))
-    cols = ["step", "layer", "unit", "bin", "left", "right", "count"]
+    cols = ["step", "layer", "unit", "bin", "left", "right", "count"] + (["mode"] if mode is None else [])
     if table is None or table.num_rows == 0:
         return pd.DataFrame(columns=cols)
     frames = []
     flat, offsets = flat_values(table.column("values"))
     layer_of = table.column("layer").to_numpy(zero_copy_only=False)
+    mode_of = table.column("mode").to_numpy(zero_copy_only=False)
     step_of = table.column("step").to_numpy()
-    for layer in pd.unique(layer_of):
-        rows = np.flatnonzero(layer_of == layer)
-        edges = np.asarray(meta["layers"][layer]["hist_edges"], dtype=np.float64)
+    for layer, row_mode in dict.fromkeys(zip(layer_of, mode_of)):  # in order of appearance
+        rows = np.flatnonzero((layer_of == layer) & (mode_of == row_mode))
+        info = meta["layers"][layer]
+        # each mode has its own range ("auto" sets it from that mode's first batch); folders
+        # written before hist_edges_by_mode existed hold one range per layer
+        edges = np.asarray(info.get("hist_edges_by_mode", {}).get(row_mode, info["hist_edges"]), dtype=np.float64)
         nb = edges.size + 1
         width = int(offsets[rows[0] + 1] - offsets[rows[0]])  # units x bins, the same in every row
         counts = flat[offsets[rows][:, None] + np.arange(width)].reshape(len(rows), -1, nb)
@@ -294,6 +299,7 @@ def read_histograms(stats_dir: str | os.PathLike, layers=None, steps=None, mode:
                     "left": np.tile(left, k * c),
                     "right": np.tile(right, k * c),
                     "count": counts.reshape(-1),
+                    "mode": row_mode,
                 }
             )
         )

@@ -285,6 +285,32 @@ def test_no_hook_left_after_exit_or_exception():
     rec2.remove()  # idempotent
 
 
+def test_train_and_eval_histograms_each_keep_their_own_auto_range(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Identity())
+    xs = {"train": [torch.rand(50, 2) for _ in range(3)], "eval": [torch.rand(50, 2) * 100 + 1000 for _ in range(3)]}
+    rec = icsk.Recorder(model, layers=["0"], modes=("train", "eval"), stats=["hist"], hist_bins=5, path=tmp_path)
+    with rec:
+        for s in range(3):
+            for mode in ("train", "eval"):
+                model.train(mode == "train")
+                model(xs[mode][s])
+            rec.step()
+    ranges = rec.hist_edges()
+    assert ranges[("0", "train")][1] < 2 < 900 < ranges[("0", "eval")][0]
+    for mode in ("train", "eval"):
+        for h in (rec.histograms(mode=mode), load_run(tmp_path, "hist", mode=mode)):
+            lo, hi = ranges[("0", mode)]
+            edges = np.linspace(lo, hi, 6)  # 5 bins: the first batch's min and max lie inside bins
+            for s in range(3):
+                got = h[(h.step == s) & (h.unit == 1)].sort_values("bin")
+                np.testing.assert_allclose(got.left.to_numpy()[1:], edges)
+                want = np.histogram(xs[mode][s][:, 1].double().numpy(), bins=edges)[0]
+                np.testing.assert_array_equal(got["count"].to_numpy()[1:-1], want)
+    both = rec.histograms(mode=None)
+    assert set(both["mode"]) == {"train", "eval"} and len(both) == 2 * len(rec.histograms())
+
+
 def test_capture_input_vs_output():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.Sigmoid())
