@@ -226,6 +226,8 @@ if numba is not None:
         drop = nbins + 2
         s1 = np.empty(W, np.float32)
         s2 = np.empty(W, np.float32)
+        shift = np.empty(W, np.float32)
+        dmean = np.empty(W, np.float32)
         mean = np.empty(W, np.float32)
         mn = np.empty(W, np.float32)
         mx = np.empty(W, np.float32)
@@ -242,6 +244,7 @@ if numba is not None:
                     for c in range(C):
                         dst[j * C + c] = src[c]
             s1[:] = 0.0
+            shift[:] = blk[0]  # sums around each lane's first value: no cancellation for |mean| >> std
             s2[:] = 0.0
             mn[:] = np.inf
             mx[:] = -np.inf
@@ -252,7 +255,7 @@ if numba is not None:
             for n in range(N):  # pass 1: sums and counts, vectorised across lanes
                 r = blk[n]
                 for i in range(W):
-                    s1[i] += r[i]
+                    s1[i] += r[i] - shift[i]
                 if want_min_max:
                     _running_min_max(r, mn, mx)
                 if want_sat:
@@ -275,11 +278,19 @@ if numba is not None:
                         n_nan[i] += v != v
                         n_inf[i] += abs(v) == np.inf
             for i in range(W):
-                mean[i] = s1[i] / np.float32(N)
+                dmean[i] = s1[i] / np.float32(N)
+                mean[i] = shift[i] + dmean[i]
+            if not finite:  # a shifted sum is NaN for a lane of infs: its mean is the plain one (inf, -inf or NaN)
+                for i in range(W):
+                    if not np.isfinite(s1[i]):
+                        t = f0
+                        for n in range(N):
+                            t += blk[n, i]
+                        mean[i] = t / np.float32(N)
             for n in range(N):  # pass 2: centred sum of squares (no cancellation)
                 r = blk[n]
                 for i in range(W):
-                    d = r[i] - mean[i]
+                    d = (r[i] - shift[i]) - dmean[i]
                     s2[i] += d * d
             for i in range(W):
                 res[0, o + i] = mean[i]

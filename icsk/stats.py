@@ -7,8 +7,8 @@ histograms). Speed notes, measured on a 2-core CPU (see reports/benchmarks.md):
 
 * large temporaries are what costs on the CPU (page faults of fresh allocations cost ~8x the
   arithmetic), so every pass writes into scratch buffers that live as long as the Reducer;
-* ``torch.var_mean`` has a slow path on small inputs; two-pass mean/centred-sum is faster and
-  as accurate;
+* ``torch.var_mean`` has a slow path on small inputs; two passes around each unit's first
+  value (mean of the shifted values, then their centred squares) are faster and as accurate;
 * ``torch.sort`` over many short rows is ~9x slower than NumPy's SIMD sort on the CPU, so
   quantiles sort with NumPy there (zero-copy view, same memory) and with torch on GPUs;
 * on GPUs mean and variance come from one ``torch.var_mean`` pass (one kernel instead of
@@ -146,14 +146,25 @@ class Reducer:
         if mean_known and x.device.type != "cpu" and m > 1:  # one fused pass (Welford) on GPUs
             var, mean = torch.var_mean(x, dim=(1, 3), correction=1)
             out.update((k, v) for k, v in (("mean", mean), ("var", var)) if k in stats)
-        elif mean_known:
-            mean = _unit_sum(x).div_(m)
+        elif mean_known and m == 1:
+            mean = x.reshape(K, C).clone()
+            out.update((k, v) for k, v in (("mean", mean), ("var", torch.full_like(mean, float("nan")))) if k in stats)
+        elif "mean" in stats and "var" not in stats:
+            out["mean"] = mean = _unit_sum(x).div_(m)
+        elif "var" in stats:
+            # two passes around each unit's first value (shift): neither the sum nor the centred
+            # squares cancel when |mean| >> std
+            shift = x[:, :1, :, :1]
+            torch.sub(x, shift, out=t)
+            dmean = _unit_sum(t).div_(m)
+            mean = dmean + shift.reshape(K, C)
+            if x.device.type == "cpu" and not bool(torch.isfinite(dmean).all()):
+                mean = torch.where(torch.isfinite(dmean), mean, _unit_sum(x).div_(m))  # infs: the plain mean
             if "mean" in stats:
                 out["mean"] = mean
-            if "var" in stats:
-                torch.sub(x, mean[:, None, :, None], out=t)  # two-pass: no cancellation
-                t.mul_(t)
-                out["var"] = _unit_sum(t).div_(m - 1) if m > 1 else torch.full_like(mean, float("nan"))
+            t.sub_(dmean[:, None, :, None])
+            t.mul_(t)
+            out["var"] = _unit_sum(t).div_(m - 1)
         dims = tuple(d for d in (1, 3) if x.shape[d] != 1) or (3,)
         if "min" in stats:
             out["min"] = x.amin(dims).view(K, C)

@@ -260,3 +260,19 @@ def test_lanes_kernel_leaves_its_input_and_skips_large_batches(monkeypatch):
     Reducer(spec, fused=False)(x)
     with pytest.raises(AssertionError, match="lanes kernel used"):
         Reducer(spec)(x)
+
+
+@pytest.mark.parametrize("shape", [(3, 60, 10, 1), (2, 300, 10, 1), (2, 8, 6, 50)], ids=["lanes", "dense-torch", "conv"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "torch"])
+def test_variance_does_not_cancel_when_the_mean_dwarfs_the_spread(shape, fused):
+    """std 0.02 around 1e4: a float32 mean off by one ulp (~1e-3) would put ~1e-6 into every
+    centred square, a few % of the variance (4e-4); float32 torch.var is ~1e-7 off here."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=gen) * 0.02 + 1e4
+    x[0, :, 0, :] += torch.tensor(float("inf"))  # a unit with infs keeps torch's mean and var
+    out = Reducer(StatSpec(stats=("mean", "var")), fused=fused)(x)
+    ref = x.double()
+    mean, var = ref.mean((1, 3)), ref.var((1, 3))
+    assert out["mean"][0, 0] == float("inf") and torch.isnan(out["var"][0, 0])
+    np.testing.assert_allclose(out["mean"].double()[:, 1:], mean[:, 1:], rtol=1e-7)
+    np.testing.assert_allclose(out["var"].double()[:, 1:], var[:, 1:], rtol=1e-5)
