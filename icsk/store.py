@@ -21,6 +21,7 @@ chunks only; ``load_run`` reads finished and interrupted folders alike.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
@@ -242,15 +243,59 @@ def _empty_frame(columns: dict[str, str]) -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=t) for c, t in columns.items()})
 
 
+def resolve_selection(metas: Sequence[dict], layers=None, stats=None, steps=None, mode: str | None = "train",
+                      strict: bool = True) -> tuple[list[str] | None, list[str] | None, Any]:
+    """``(layers, stats, steps)`` as the readers filter on, checked against what was recorded
+    (``metas``: recorder.json contents; empty ones check nothing).
+
+    A single name or step may stand for a list; layer globs (``"block*"``) expand to the
+    recorded layers; ``"quantiles"`` expands to the recorded ``q...`` statistics. A name that
+    matches nothing recorded raises ValueError listing what was (``strict=False`` drops it)."""
+    if mode is not None and mode not in ("train", "eval"):
+        raise ValueError(f"mode must be 'train', 'eval' or None (both), got {mode!r}")
+    if isinstance(steps, (int, np.integer)):
+        steps = [int(steps)]
+    known_layers = list(dict.fromkeys(name for m in metas for name in (m.get("layers") or {})))
+    known_stats = list(dict.fromkeys([*(o for m in metas for o in (m.get("outputs") or [])), *LAYER_STATS]))
+    if stats is not None:
+        stats = [stats] if isinstance(stats, str) else list(stats)
+        if "hist" in stats:
+            raise ValueError("histograms are not part of the statistics frame; read them with "
+                             "Recorder.histograms() or load_run(path, 'hist')")
+
+    recorded = any(metas)  # no recorder.json yet: nothing to check against
+
+    def expand(kind: str, names: list[str], known: list[str], match: Callable[[str], list[str]]) -> list[str]:
+        out: list[str] = []
+        for name in names:
+            hits = match(name) if recorded else [name]
+            if not hits and strict:
+                raise ValueError(f"{kind} {name!r} was not recorded here; recorded {kind}s: {known}")
+            out.extend(hits)
+        return list(dict.fromkeys(out))
+
+    if layers is not None:
+        layers = expand("layer", [layers] if isinstance(layers, str) else list(layers), known_layers,
+                        lambda n: [k for k in known_layers if fnmatch.fnmatchcase(k, n)]
+                        if any(c in n for c in "*?[") else [n] if n in known_layers else [])
+    if stats is not None:
+        quantiles = [k for k in known_stats if k.startswith("q") and k[1:2].isdigit()]
+        stats = expand("statistic", stats, known_stats,
+                       lambda n: quantiles if n == "quantiles" else [n] if n in known_stats else [])
+    return layers, stats, steps
+
+
 def read_stats(
     stats_dir: str | os.PathLike,
     layers=None,
     stats=None,
     steps=None,
     mode: str | None = "train",
+    strict: bool = True,
 ) -> pd.DataFrame:
-    """The long-format frame of one Recorder's stats folder (histograms excluded)."""
-    want = list(stats) if stats is not None else None
+    """The long-format frame of one Recorder's stats folder (histograms excluded); the
+    filters are those of :func:`resolve_selection`."""
+    layers, want, steps = resolve_selection([read_recorder_meta(stats_dir)], layers, stats, steps, mode, strict)
     table = read_chunks(stats_dir, filters=stats_filters(layers, want, steps, mode))
     if table is not None and want is None:
         table = table.filter(pa.compute.not_equal(table.column("stat"), "hist"))
@@ -263,11 +308,13 @@ def read_recorder_meta(stats_dir: str | os.PathLike) -> dict:
     return read_json(p) if p.exists() else {}
 
 
-def read_histograms(stats_dir: str | os.PathLike, layers=None, steps=None, mode: str | None = "train") -> pd.DataFrame:
+def read_histograms(stats_dir: str | os.PathLike, layers=None, steps=None, mode: str | None = "train",
+                    strict: bool = True) -> pd.DataFrame:
     """Histograms as ``step, layer, unit, bin, left, right, count`` (plus ``mode`` when
     ``mode`` is None); bin 0 is the underflow bin (left = -inf) and bin B+1 the overflow bin
     (right = +inf)."""
     meta = read_recorder_meta(stats_dir)
+    layers, _, steps = resolve_selection([meta], layers, None, steps, mode, strict)
     table = read_chunks(stats_dir, filters=stats_filters(layers, ["hist"], steps, mode))
     cols = ["step", "layer", "unit", "bin", "left", "right", "count"] + (["mode"] if mode is None else [])
     if table is None or table.num_rows == 0:
@@ -330,12 +377,15 @@ def load_run(
     stats=None,
     steps=None,
     mode: str | None = "train",
+    strict: bool = True,
 ) -> pd.DataFrame:
     """Read a finished or interrupted run folder back as a long frame.
 
     ``table="stats"``: the Recorder contract ``step, layer, stat, unit, value`` (plus ``arm``
     for a paired run); ``table="metrics"``: training metrics ``step, arm, metric, layer, value``;
-    ``table="hist"``: histograms (see :func:`read_histograms`)."""
+    ``table="hist"``: histograms (see :func:`read_histograms`). ``layers``, ``stats``, ``steps``
+    and ``mode`` filter as in :func:`resolve_selection`: a name recorded in no arm raises
+    ValueError (``strict=False``: it is ignored)."""
     run_dir = Path(path)
     _check_run_dir(run_dir)
     if table == "metrics":
@@ -345,12 +395,16 @@ def load_run(
     arms = arms_of(run_dir)
     if not arms:
         if table == "hist":
-            return read_histograms(run_dir / "stats", layers, steps, mode)
-        return read_stats(run_dir / "stats", layers, stats, steps, mode)
+            return read_histograms(run_dir / "stats", layers, steps, mode, strict)
+        return read_stats(run_dir / "stats", layers, stats, steps, mode, strict)
+    dirs = [run_dir / "arms" / arm / "stats" for arm in arms]
+    # checked against every arm at once: a layer recorded in one arm only is no error
+    layers, stats, steps = resolve_selection([read_recorder_meta(d) for d in dirs], layers,
+                                             None if table == "hist" else stats, steps, mode, strict)
     frames = []
-    for arm in arms:
-        sd = run_dir / "arms" / arm / "stats"
-        df = read_histograms(sd, layers, steps, mode) if table == "hist" else read_stats(sd, layers, stats, steps, mode)
+    for arm, sd in zip(arms, dirs, strict=True):
+        df = (read_histograms(sd, layers, steps, mode, strict=False) if table == "hist"
+              else read_stats(sd, layers, stats, steps, mode, strict=False))
         df.insert(0, "arm", arm)
         frames.append(df)
     out = pd.concat(frames, ignore_index=True)

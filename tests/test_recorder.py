@@ -435,6 +435,35 @@ def test_streams_chunks_to_run_folder_and_load_run_reads_them(tmp_path):
     assert sorted(sub.step.unique()) == [2, 3, 4] and set(sub.stat.unique()) == {"q0.5"}
 
 
+def test_read_filters_take_single_names_globs_and_quantiles_and_reject_what_was_not_recorded(tmp_path):
+    model = nn.Sequential()
+    model.add_module("block1", nn.Linear(5, 4))
+    model.add_module("block2", nn.Linear(4, 3))
+    model.add_module("head", nn.Linear(3, 2))
+    rec = icsk.Recorder(model, stats=["mean", "quantiles", "hist"], quantiles=(0.25, 0.75), path=tmp_path)
+    with rec:
+        for _ in range(4):
+            model(torch.randn(6, 5))
+            rec.step()
+    full = rec.to_frame()
+    for read in (rec.to_frame, lambda **kw: load_run(tmp_path, **kw)):
+        one = read(layers="block1", stats="mean", steps=2)
+        assert set(one.layer) == {"block1"} and set(one.stat) == {"mean"} and set(one.step) == {2}
+        assert len(one) == 4 and one.value.tolist() == full[(full.layer == "block1") & (full.stat == "mean") & (full.step == 2)].value.tolist()
+        assert set(read(layers=["block*"]).layer) == {"block1", "block2"}
+        assert set(read(stats=["quantiles"]).stat) == {"q0.25", "q0.75"}
+        with pytest.raises(ValueError, match=r"layer 'blok1' was not recorded.*'block1'"):
+            read(layers=["blok1"])
+        with pytest.raises(ValueError, match=r"statistic 'median' was not recorded.*'q0.25'"):
+            read(stats="median")
+        with pytest.raises(ValueError, match=r"histograms\(\)"):
+            read(stats=["hist"])
+        with pytest.raises(ValueError, match="mode must be 'train', 'eval' or None"):
+            read(mode="test")
+    assert set(rec.histograms(layers="head*").layer) == {"head"}
+    assert load_run(tmp_path, layers=["blok1", "head"], strict=False).layer.unique().tolist() == ["head"]
+
+
 def test_chunks_are_cut_by_steps_or_by_size(tmp_path):
     model = nn.Sequential(nn.Linear(5, 4))
     # 4 units x (mean + 2-bin histogram with under/overflow = 5 values) x 4 bytes = 80 bytes a step

@@ -152,7 +152,7 @@ class Run:
 
     def _table(self, table: str, **kw) -> pd.DataFrame:
         try:
-            df = load_run(self.path, table=table, **kw)
+            df = load_run(self.path, table=table, strict=False, **kw)  # runs of a sweep may record different layers
         except RunFolderError:
             return pd.DataFrame()
         if "arm" not in df.columns:
