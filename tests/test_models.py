@@ -107,8 +107,10 @@ def test_build_model_errors_and_variants():
         MLP(10, 2, activation="gelu")
     with pytest.raises(ValueError, match="normalizer"):
         MLP(10, 2, norm="batchnorm")
-    with pytest.raises(ValueError, match="divisible"):
-        VGG(channels=(4, "M", 4, "M"), image_size=6)
+    with pytest.raises(ValueError, match=r"too small for 3 2x2 max pools.*vgg_tiny"):
+        VGG(channels=(4, "M", 4, "M", 4, "M"), image_size=6)
+    odd = VGG(channels=(4, "M", 4, "M", 4, "M"), in_channels=1, image_size=28)  # 28 -> 14 -> 7 -> 3
+    assert odd(torch.randn(2, 1, 28, 28)).shape == (2, 10) and odd.head.in_features == 4 * 3 * 3
     with pytest.raises(ValueError, match="'M'"):
         VGG(channels=("M", 4))
     with pytest.raises(TypeError):

@@ -27,14 +27,19 @@ class VGG(TapNet):
             channels = VGG_VARIANTS[channels] if channels in VGG_VARIANTS else channels
         convs = _parse_channels(channels)
         pools = sum(pool for _, pool in convs)
-        if image_size % (2 ** pools):
-            raise ValueError(f"image_size {image_size} is not divisible by 2**{pools} (one halving per 'M')")
+        side = image_size
+        for _ in range(pools):
+            side //= 2  # a 2x2 max pool drops an odd last row/column: 28 -> 14 -> 7 -> 3
+        if side < 1:
+            raise ValueError(
+                f"image_size {image_size} is too small for {pools} 2x2 max pools (one per 'M'): the maps "
+                f"would vanish; use fewer 'M' (model.variant=vgg_tiny, or +model.options.channels=[...]) "
+                f"or larger images")
         self.norm_kind = str(norm)
         c_in = in_channels
         for i, (c_out, pool) in enumerate(convs, start=1):
             self.add_module(f"block{i}", conv_block(c_in, c_out, activation, norm, pool=pool, **norm_kw))
             c_in = c_out
-        side = image_size // 2 ** pools
         self.flatten = nn.Flatten()
         self.head = nn.Linear(c_in * side * side, num_classes)
         self._scale_init(init_scale)
