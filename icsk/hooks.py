@@ -16,6 +16,7 @@ import difflib
 import fnmatch
 import shutil
 import tempfile
+import warnings
 from concurrent.futures import Future
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -52,6 +53,13 @@ def select_layers(model: nn.Module, layers: LayerSelector | Sequence[LayerSelect
         layers = [_is_linear_or_conv]
     elif isinstance(layers, (str, type)) or callable(layers) and not isinstance(layers, Sequence):
         layers = [layers]
+    elif not isinstance(layers, Iterable):
+        raise RecorderError(f"layers={layers!r} is not a name, glob, nn.Module type, predicate(name, module) "
+                            "or a list of them")
+    layers = list(layers)
+    if not layers:
+        raise RecorderError("layers is an empty list, which would record nothing; pass names, or "
+                            "layers=None for every Linear and Conv layer")
     chosen: dict[str, nn.Module] = {}
     for sel in layers:
         if isinstance(sel, str):
@@ -161,6 +169,7 @@ class _LayerState:
         self.active = 0  # which of the buffers fills now
         self.slots: list[torch.Tensor] | None = None  # per-step views of the buffer that fills now
         self.move_units = False  # whether the unit axis must be moved to dim 1 (channels-last)
+        self.warned_empty = False  # an empty batch was reported once
         self.pending: list[Future | None] = [None, None]  # reduction running on each buffer
         self.shape: torch.Size | None = None  # activation shape and device the slots were made for
         self.device: torch.device | None = None
@@ -238,7 +247,8 @@ class Recorder:
     ):
         if capture not in ("output", "input"):
             raise RecorderError(f"capture must be 'output' or 'input', got {capture!r}")
-        stats = tuple(stats)
+        stats = (stats,) if isinstance(stats, str) else tuple(stats)
+        modes = (modes,) if isinstance(modes, str) else modes
         bad = [s for s in stats if s not in ALL_STATS]
         if bad:
             raise RecorderError(f"unknown statistic(s) {bad}; choose from {list(ALL_STATS)}")
@@ -409,6 +419,15 @@ class Recorder:
     def _capture_slow(self, state: _LayerState, name: str, module: nn.Module, x: torch.Tensor) -> None:
         """First capture of a layer, a changed shape or device, or a layer too large to stage."""
         x = self._tensor_of(name, module, x)
+        if not -x.dim() <= self.channel_dim < x.dim():
+            raise RecorderError(f"channel_dim={self.channel_dim} is out of range for layer {name!r}'s tensor of "
+                                f"shape {tuple(x.shape)}; use 1 for (N, C, ...) or -1 for channels-last / tokens")
+        if x.numel() == 0:  # an empty batch has no statistics; the step stays unrecorded for this layer
+            if not state.warned_empty:
+                warnings.warn(f"icsk: layer {name!r} gave an empty tensor of shape {tuple(x.shape)} at step "
+                              f"{self.current_step}; nothing is recorded for it at such steps", stacklevel=2)
+                state.warned_empty = True
+            return
         xc = self._units_at_1(x)
         n, c = xc.shape[0], xc.shape[1]
         x4 = xc.reshape(1, n, c, -1)

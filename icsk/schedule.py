@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -50,8 +51,8 @@ class Schedule:
             return spec
         if isinstance(spec, bool):
             raise TypeError("schedule must be an int, a list of steps, 'every:N', 'log:K' or a Schedule")
-        if isinstance(spec, int):
-            return cls.every(spec)
+        if isinstance(spec, numbers.Integral):  # int, numpy integers
+            return cls.every(int(spec))
         if isinstance(spec, str):
             kind, _, arg = spec.partition(":")
             try:
@@ -62,6 +63,9 @@ class Schedule:
             except ValueError as e:
                 raise ValueError(f"bad schedule {spec!r}: {e}") from None
             raise ValueError(f"bad schedule {spec!r}: use 'every:N', 'log:K', an int or a list of steps")
+        if not isinstance(spec, Iterable):
+            raise TypeError(f"schedule must be an int N (every N steps), a list of steps, 'every:N', 'log:K' "
+                            f"or a Schedule; got {spec!r} ({type(spec).__name__})")
         return cls.at(spec)
 
     def __call__(self, step: int) -> bool:

@@ -391,6 +391,38 @@ def test_a_model_without_submodules_is_recorded_through_the_wrapper_the_error_na
     np.testing.assert_allclose(frame_values(rec.to_frame(), 0, "0", "mean"), lin(x).mean(0).detach().numpy(), rtol=1e-6)
 
 
+def test_single_names_bad_selectors_axes_and_empty_batches():
+    model = nn.Sequential(nn.Linear(3, 2))
+    x = torch.randn(4, 3)
+    with icsk.Recorder(model, layers="0", stats="mean", modes="eval", schedule=np.int64(2)) as rec:
+        for _ in range(3):
+            model.eval()
+            model(x)
+            model.train()
+            model(x)
+            rec.step()
+    df = rec.to_frame(mode=None)
+    assert set(df["mode"]) == {"eval"} and set(df.stat) == {"mean", "count"} and sorted(set(df.step)) == [0, 2]
+    with pytest.raises(icsk.RecorderError, match="not a name, glob"):
+        icsk.Recorder(model, layers=0)
+    with pytest.raises(icsk.RecorderError, match="empty list"):
+        icsk.Recorder(model, layers=[])
+    with pytest.raises(TypeError, match="schedule must be"):
+        icsk.Recorder(model, schedule=2.0)
+    with pytest.raises(icsk.RecorderError, match=r"channel_dim=5 is out of range.*\(4, 2\)"):
+        with icsk.Recorder(model, channel_dim=5):
+            model(x)
+    with icsk.Recorder(model, stats=["mean"]) as rec:
+        with pytest.warns(UserWarning, match="empty tensor of shape \\(0, 2\\)"):
+            model(x[:0])
+        rec.step()
+        model(x)
+        rec.step()
+    df = rec.to_frame()
+    assert sorted(set(df.step)) == [1]
+    np.testing.assert_allclose(frame_values(df, 1, "0", "mean"), model(x).detach().mean(0).numpy(), rtol=1e-6)
+
+
 class TupleOut(nn.Module):
     def forward(self, x):
         return x * 2, {"aux": x}
