@@ -560,3 +560,25 @@ def test_worker_threads_run_single_threaded_at_idle_priority(tmp_path):
         assert os.sched_getscheduler(t.native_id) == os.SCHED_IDLE, t.name
     assert rec._reduce_pool.submit(torch.get_num_threads).result() == 1
     rec.close()
+
+
+def test_sigterm_under_graceful_signals_flushes_what_was_recorded(tmp_path):
+    """The README's recipe for scripts: SIGTERM mid-training still leaves every recorded step on disk."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import os, signal, torch, torch.nn as nn, icsk
+        from icsk.experiment import graceful_signals
+        model = nn.Sequential(nn.Linear(3, 2))
+        with graceful_signals(), icsk.Recorder(model, path={str(tmp_path)!r}, stats=["mean"], flush_every=1000) as rec:
+            for i in range(100):
+                model(torch.randn(4, 3))
+                rec.step()
+                if i == 50:
+                    os.kill(os.getpid(), signal.SIGTERM)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr
+    assert sorted(set(load_run(tmp_path).step)) == list(range(51))
