@@ -32,7 +32,7 @@ from torch import nn
 from .background import background_pool
 from .schedule import Schedule
 from .stats import ALL_STATS, DEFAULT_STATS, Reducer, StatSpec
-from .store import ChunkWriter, read_histograms, read_stats, values_column, write_json_atomic
+from .store import ChunkWriter, last_recorded_step, read_histograms, read_stats, values_column, write_json_atomic
 
 LayerSelector = str | type | Callable[[str, nn.Module], bool]
 MODES = ("train", "eval")
@@ -294,6 +294,7 @@ class Recorder:
         self._paused = 0
         self._pending_steps = 0
         self._saved_meta: dict | None = None  # recorder.json as last written (rewritten only on change)
+        self._path_checked = False  # whether path was checked for steps recorded before (first capture)
 
     # ------------------------------------------------------------------ hooks
     def __enter__(self) -> Recorder:
@@ -411,6 +412,17 @@ class Recorder:
         x = (value if type(value) is torch.Tensor else self._tensor_of(name, module, value)).detach()
         self._capture_slow(state, name, module, x)
 
+    def _check_path_is_free(self) -> None:
+        """Refuse to write steps into a folder that already holds them (a second Recorder on the
+        same ``path`` would mix its rows with the first one's)."""
+        last = last_recorded_step(self.stats_dir)
+        if last is not None and self.current_step <= last:
+            raise RecorderError(
+                f"{self.stats_dir} already holds statistics up to step {last}, and this Recorder would record "
+                f"step {self.current_step} again; pass a new path, or Recorder(..., start_step={last + 1}) to "
+                "continue that run")
+        self._path_checked = True
+
     def _units_at_1(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` with its unit axis (``channel_dim``) moved to dim 1: (N, C, ...)."""
         cd = self.channel_dim % x.dim()
@@ -419,6 +431,8 @@ class Recorder:
     def _capture_slow(self, state: _LayerState, name: str, module: nn.Module, x: torch.Tensor) -> None:
         """First capture of a layer, a changed shape or device, or a layer too large to stage."""
         x = self._tensor_of(name, module, x)
+        if not self._path_checked:
+            self._check_path_is_free()
         if not -x.dim() <= self.channel_dim < x.dim():
             raise RecorderError(f"channel_dim={self.channel_dim} is out of range for layer {name!r}'s tensor of "
                                 f"shape {tuple(x.shape)}; use 1 for (N, C, ...) or -1 for channels-last / tokens")

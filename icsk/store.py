@@ -164,6 +164,22 @@ def chunk_files(folder: str | os.PathLike) -> list[Path]:
     return sorted(Path(folder).glob(CHUNK_GLOB))
 
 
+def last_recorded_step(folder: str | os.PathLike) -> int | None:
+    """The largest step in a folder's chunks (from parquet's column statistics), None if none."""
+    last = None
+    for path in chunk_files(folder):
+        try:
+            meta = pq.ParquetFile(path).metadata
+        except (pa.ArrowInvalid, OSError) as e:
+            raise RunFolderError(f"{path}: unreadable parquet chunk ({e}); delete it to load the rest") from None
+        col = meta.schema.names.index("step")
+        for i in range(meta.num_row_groups):
+            st = meta.row_group(i).column(col).statistics
+            top = int(st.max) if st is not None and st.has_min_max else int(pq.read_table(path, columns=["step"])["step"].to_numpy().max())
+            last = top if last is None else max(last, top)
+    return last
+
+
 def read_chunks(folder: str | os.PathLike, filters=None, columns: Sequence[str] | None = None) -> pa.Table | None:
     """Concatenate a folder's chunks (None when there are none); a corrupt chunk raises
     RunFolderError naming it."""

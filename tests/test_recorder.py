@@ -582,3 +582,19 @@ def test_sigterm_under_graceful_signals_flushes_what_was_recorded(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr
     assert sorted(set(load_run(tmp_path).step)) == list(range(51))
+
+
+def test_a_second_recorder_on_a_used_path_refuses_to_mix_steps(tmp_path):
+    model = nn.Sequential(nn.Linear(3, 2))
+    with icsk.Recorder(model, path=tmp_path, stats=["mean"]) as rec:
+        for _ in range(3):
+            model(torch.randn(4, 3))
+            rec.step()
+    with pytest.raises(icsk.RecorderError, match=r"already holds statistics up to step 2.*start_step=3"):
+        with icsk.Recorder(model, path=tmp_path, stats=["mean"]):
+            model(torch.randn(4, 3))
+    with icsk.Recorder(model, path=tmp_path, stats=["mean"], start_step=3) as rec2:
+        model(torch.randn(4, 3))
+        rec2.step()
+    df = load_run(tmp_path)
+    assert df.groupby("step").size().tolist() == [3, 3, 3, 3]  # 2 units + count per step, no step twice
