@@ -402,6 +402,8 @@ def test_unknown_figure_and_bad_inputs(tmp_path, capsys, sweep_dir):
     assert "--ref must be one of" in capsys.readouterr().err
     assert main([str(sweep_dir), "--out", str(tmp_path / "o"), "--where", "optim.lr=7"]) == 2
     assert "no run matches optim.lr=7" in capsys.readouterr().err
+    assert main([str(sweep_dir), "--out", str(tmp_path / "o"), "--where", "optim.lrr=0.5"]) == 2
+    assert "['optim.lrr'] are in no run's config (closest: {'optim.lrr': ['optim.lr'" in capsys.readouterr().err
 
 
 def test_arm_filter_and_unit_choice(runs):

@@ -3,6 +3,7 @@ in ``<out>/<name>/``."""
 
 from __future__ import annotations
 
+import difflib
 import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -124,6 +125,12 @@ def build_report(
         runs = collect_runs(sources, wandb_query)
     folders = [Path(p) for p in sources if not is_wandb_path(p)]
     if where:
+        known = sorted({k for r in runs for k in r.config})
+        missing = [k for k in where if k not in known]
+        if missing:
+            near = {k: difflib.get_close_matches(k, known, n=3, cutoff=0.5) for k in missing}
+            raise NoRunsError(f"--where key(s) {missing} are in no run's config (closest: {near}); "
+                              f"keys look like {known[:8]}")
         runs = runs.where(where)
         if not len(runs):
             raise NoRunsError(f"no run matches {' '.join(f'{k}={v}' for k, v in where.items())} in "
