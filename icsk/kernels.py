@@ -19,6 +19,8 @@ Numerics: row sums are float32 around a per-unit shift (the mean of the unit's f
 accumulated across rows in float64, so the one-pass variance does not cancel. Histogram bins
 use exactly the float32 operations of :meth:`icsk.stats.Reducer._histogram`, so both paths put
 every value in the same bin. NaN propagates to mean/var/min/max like torch's reductions.
+:func:`scan_lanes` sums each lane around its first value (mean, then centred squares of the
+shifted values), so its variance does not cancel either when |mean| >> std.
 
 :func:`scan_lanes` handles the other common case, activations of shape (N, C) such as an MLP's
 (``S == 1``): a unit's N values are strided by C, so it works on units as SIMD lanes instead. The
