@@ -301,6 +301,11 @@ def resolve_selection(metas: Sequence[dict], layers=None, stats=None, steps=None
     return layers, stats, steps
 
 
+def _selects_nothing(*filters) -> bool:
+    """Whether a filter is an empty list (pyarrow rejects ``in []``; no row matches it anyway)."""
+    return any(isinstance(f, (list, tuple, set)) and len(f) == 0 for f in filters)
+
+
 def read_stats(
     stats_dir: str | os.PathLike,
     layers=None,
@@ -312,7 +317,7 @@ def read_stats(
     """The long-format frame of one Recorder's stats folder (histograms excluded); the
     filters are those of :func:`resolve_selection`."""
     layers, want, steps = resolve_selection([read_recorder_meta(stats_dir)], layers, stats, steps, mode, strict)
-    table = read_chunks(stats_dir, filters=stats_filters(layers, want, steps, mode))
+    table = None if _selects_nothing(layers, want, steps) else read_chunks(stats_dir, filters=stats_filters(layers, want, steps, mode))
     if table is not None and want is None:
         table = table.filter(pa.compute.not_equal(table.column("stat"), "hist"))
     return explode_stats(table, keep_mode=mode is None)
@@ -331,7 +336,7 @@ def read_histograms(stats_dir: str | os.PathLike, layers=None, steps=None, mode:
     (right = +inf)."""
     meta = read_recorder_meta(stats_dir)
     layers, _, steps = resolve_selection([meta], layers, None, steps, mode, strict)
-    table = read_chunks(stats_dir, filters=stats_filters(layers, ["hist"], steps, mode))
+    table = None if _selects_nothing(layers, None, steps) else read_chunks(stats_dir, filters=stats_filters(layers, ["hist"], steps, mode))
     cols = ["step", "layer", "unit", "bin", "left", "right", "count"] + (["mode"] if mode is None else [])
     if table is None or table.num_rows == 0:
         return pd.DataFrame(columns=cols)

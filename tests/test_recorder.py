@@ -494,6 +494,7 @@ def test_read_filters_take_single_names_globs_and_quantiles_and_reject_what_was_
             read(mode="test")
     assert set(rec.histograms(layers="head*").layer) == {"head"}
     assert load_run(tmp_path, layers=["blok1", "head"], strict=False).layer.unique().tolist() == ["head"]
+    assert load_run(tmp_path, layers="blok1", strict=False).empty and load_run(tmp_path, "hist", steps=[]).empty
 
 
 def test_chunks_are_cut_by_steps_or_by_size(tmp_path):
