@@ -19,8 +19,8 @@ Numerics: row sums are float32 around a per-unit shift (the mean of the unit's f
 accumulated across rows in float64, so the one-pass variance does not cancel. Histogram bins
 use exactly the float32 operations of :meth:`icsk.stats.Reducer._histogram`, so both paths put
 every value in the same bin. NaN propagates to mean/var/min/max like torch's reductions.
-:func:`scan_lanes` sums each lane around its first value (mean, then centred squares of the
-shifted values), so its variance does not cancel either when |mean| >> std.
+:func:`scan_lanes` and the torch path use the corrected two-pass algorithm (the deviations from
+the first mean are summed as well as squared), so their variance does not cancel either.
 
 :func:`scan_lanes` handles the other common case, activations of shape (N, C) such as an MLP's
 (``S == 1``): a unit's N values are strided by C, so it works on units as SIMD lanes instead. The
@@ -228,8 +228,7 @@ if numba is not None:
         drop = nbins + 2
         s1 = np.empty(W, np.float32)
         s2 = np.empty(W, np.float32)
-        shift = np.empty(W, np.float32)
-        dmean = np.empty(W, np.float32)
+        c1 = np.empty(W, np.float32)
         mean = np.empty(W, np.float32)
         mn = np.empty(W, np.float32)
         mx = np.empty(W, np.float32)
@@ -246,8 +245,8 @@ if numba is not None:
                     for c in range(C):
                         dst[j * C + c] = src[c]
             s1[:] = 0.0
-            shift[:] = blk[0]  # sums around each lane's first value: no cancellation for |mean| >> std
             s2[:] = 0.0
+            c1[:] = 0.0
             mn[:] = np.inf
             mx[:] = -np.inf
             n_nan[:] = 0
@@ -257,7 +256,7 @@ if numba is not None:
             for n in range(N):  # pass 1: sums and counts, vectorised across lanes
                 r = blk[n]
                 for i in range(W):
-                    s1[i] += r[i] - shift[i]
+                    s1[i] += r[i]
                 if want_min_max:
                     _running_min_max(r, mn, mx)
                 if want_sat:
@@ -280,23 +279,21 @@ if numba is not None:
                         n_nan[i] += v != v
                         n_inf[i] += abs(v) == np.inf
             for i in range(W):
-                dmean[i] = s1[i] / np.float32(N)
-                mean[i] = shift[i] + dmean[i]
-            if not finite:  # a shifted sum is NaN for a lane of infs: its mean is the plain one (inf, -inf or NaN)
-                for i in range(W):
-                    if not np.isfinite(s1[i]):
-                        t = f0
-                        for n in range(N):
-                            t += blk[n, i]
-                        mean[i] = t / np.float32(N)
-            for n in range(N):  # pass 2: centred sum of squares (no cancellation)
+                mean[i] = s1[i] / np.float32(N)
+            for n in range(N):  # pass 2: sums of the deviations and their squares
                 r = blk[n]
                 for i in range(W):
-                    d = (r[i] - shift[i]) - dmean[i]
+                    d = r[i] - mean[i]
+                    c1[i] += d
                     s2[i] += d * d
             for i in range(W):
-                res[0, o + i] = mean[i]
-                res[1, o + i] = s2[i] / np.float32(N - 1) if N > 1 else np.nan
+                # corrected two-pass (Chan, Golub & LeVeque): the deviations' own sum removes the
+                # rounding of the first mean from both results, so the variance does not cancel
+                # when |mean| >> std; a non-finite first mean is torch's result as it stands
+                ok = np.isfinite(mean[i])
+                res[0, o + i] = mean[i] + c1[i] / np.float32(N) if ok else mean[i]
+                v = s2[i] - c1[i] * c1[i] / np.float32(N) if ok else s2[i]
+                res[1, o + i] = v / np.float32(N - 1) if N > 1 else np.nan
                 bad = n_nan[i] > 0
                 res[2, o + i] = np.nan if bad else mn[i]
                 res[3, o + i] = np.nan if bad else mx[i]

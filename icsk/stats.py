@@ -7,8 +7,8 @@ histograms). Speed notes, measured on a 2-core CPU (see reports/benchmarks.md):
 
 * large temporaries are what costs on the CPU (page faults of fresh allocations cost ~8x the
   arithmetic), so every pass writes into scratch buffers that live as long as the Reducer;
-* ``torch.var_mean`` has a slow path on small inputs; two passes around each unit's first
-  value (mean of the shifted values, then their centred squares) are faster and as accurate;
+* ``torch.var_mean`` has a slow path on small inputs; the corrected two-pass algorithm (mean,
+  then the deviations' sum and sum of squares) is faster and as accurate;
 * ``torch.sort`` over many short rows is ~9x slower than NumPy's SIMD sort on the CPU, so
   quantiles sort with NumPy there (zero-copy view, same memory) and with torch on GPUs;
 * on GPUs mean and variance come from one ``torch.var_mean`` pass (one kernel instead of
@@ -152,19 +152,20 @@ class Reducer:
         elif "mean" in stats and "var" not in stats:
             out["mean"] = mean = _unit_sum(x).div_(m)
         elif "var" in stats:
-            # two passes around each unit's first value (shift): neither the sum nor the centred
-            # squares cancel when |mean| >> std
-            shift = x[:, :1, :, :1]
-            torch.sub(x, shift, out=t)
-            dmean = _unit_sum(t).div_(m)
-            mean = dmean + shift.reshape(K, C)
-            if x.device.type == "cpu" and not bool(torch.isfinite(dmean).all()):
-                mean = torch.where(torch.isfinite(dmean), mean, _unit_sum(x).div_(m))  # infs: the plain mean
+            # corrected two-pass (Chan, Golub & LeVeque): the deviations from the first mean are
+            # summed as well as squared, which removes that mean's rounding from both results, so
+            # the variance does not cancel when |mean| >> std. A non-finite first mean (inf, NaN,
+            # overflow) is torch's result as it stands.
+            m0 = _unit_sum(x).div_(m)
+            torch.sub(x, m0[:, None, :, None], out=t)
+            c1 = _unit_sum(t)
+            t.mul_(t)
+            s2 = _unit_sum(t)
+            ok = torch.isfinite(m0)
+            mean = torch.where(ok, m0 + c1 / m, m0)
             if "mean" in stats:
                 out["mean"] = mean
-            t.sub_(dmean[:, None, :, None])
-            t.mul_(t)
-            out["var"] = _unit_sum(t).div_(m - 1)
+            out["var"] = torch.where(ok, s2 - c1 * c1 / m, s2).div_(m - 1)
         dims = tuple(d for d in (1, 3) if x.shape[d] != 1) or (3,)
         if "min" in stats:
             out["min"] = x.amin(dims).view(K, C)

@@ -266,13 +266,29 @@ def test_lanes_kernel_leaves_its_input_and_skips_large_batches(monkeypatch):
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "torch"])
 def test_variance_does_not_cancel_when_the_mean_dwarfs_the_spread(shape, fused):
     """std 0.02 around 1e4: a float32 mean off by one ulp (~1e-3) would put ~1e-6 into every
-    centred square, a few % of the variance (4e-4); float32 torch.var is ~1e-7 off here."""
+    centred square, a few % of the variance (4e-4); float32 torch.var is ~1e-7 off here. Unit 1
+    has an outlier first (1e8, the rest within 3): the mean must not suffer from it either."""
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(shape, generator=gen) * 0.02 + 1e4
+    x[:, :, 1, :] = torch.rand(x[:, :, 1, :].shape, generator=gen) * 3
+    x[:, 0, 1, 0] = 1e8
     x[0, :, 0, :] += torch.tensor(float("inf"))  # a unit with infs keeps torch's mean and var
     out = Reducer(StatSpec(stats=("mean", "var")), fused=fused)(x)
     ref = x.double()
     mean, var = ref.mean((1, 3)), ref.var((1, 3))
     assert out["mean"][0, 0] == float("inf") and torch.isnan(out["var"][0, 0])
-    np.testing.assert_allclose(out["mean"].double()[:, 1:], mean[:, 1:], rtol=1e-7)
+    np.testing.assert_allclose(out["mean"].double()[:, 1:], mean[:, 1:], rtol=1e-6)  # a few float32 ulps
     np.testing.assert_allclose(out["var"].double()[:, 1:], var[:, 1:], rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [60, 300], ids=["lanes", "dense-torch"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "torch"])
+def test_overflowing_units_give_what_torch_gives(n, fused):
+    """Squares that overflow give an infinite variance (not NaN), and inf / NaN give what torch's
+    float32 reductions give."""
+    big = 3e38
+    cols = [[big, -big] + [0.0] * (n - 2), [float("inf")] + [1.0] * (n - 1), [float("nan")] + [1.0] * (n - 1)]
+    x = torch.tensor(cols, dtype=torch.float32).T.reshape(1, n, len(cols), 1)
+    out = Reducer(StatSpec(stats=("mean", "var")), fused=fused)(x)
+    np.testing.assert_array_equal(out["mean"][0].numpy(), x[0, :, :, 0].mean(0).numpy())
+    np.testing.assert_array_equal(out["var"][0].numpy(), x[0, :, :, 0].var(0).numpy())
