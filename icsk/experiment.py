@@ -27,8 +27,8 @@ from .hooks import Recorder
 from .log import make_logger
 from .models import make_pair
 from .schedule import Schedule
-from .store import read_json, write_json_atomic
-from .train import Arm, Probe, Trainer
+from .store import chunk_files, read_json, write_json_atomic
+from .train import Arm, Checkpointer, Probe, Trainer
 
 log = logging.getLogger("icsk")
 
@@ -269,6 +269,18 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
+def _drop_rows_without_checkpoint(run_dir: Path) -> None:
+    """``resume=true`` without a checkpoint (killed before the first, or ``checkpoint_every=0``)
+    trains again from step 0: rows an earlier attempt wrote are removed first, so no step is
+    recorded twice."""
+    stale = [p for d in [run_dir / "metrics", *(run_dir / "arms").glob("*/stats")] for p in chunk_files(d)]
+    if stale:
+        log.warning("%s has no checkpoint to resume from; training again from step 0 (removing %d chunks "
+                    "an earlier attempt wrote)", run_dir, len(stale))
+    for p in stale:
+        p.unlink()
+
+
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train every arm of ``cfg`` into ``run_dir``; returns the final run.json content."""
     run_dir = Path(run_dir)
@@ -277,6 +289,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     status_path = run_dir / "run.json"
     if not resume and (run_dir / "arms").exists():
         raise ConfigError(f"{run_dir} already holds a run; pass resume=true to continue it or choose a new folder")
+    if resume and not Checkpointer(run_dir).exists():
+        _drop_rows_without_checkpoint(run_dir)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     seed_everything(int(cfg.seed))
     device = resolve_device(str(cfg.device))

@@ -74,6 +74,16 @@ def test_same_seed_gives_bit_identical_frames(tmp_path):
     assert not frames(tmp_path / "a")[0].value.equals(frames(tmp_path / "c")[0].value)
 
 
+def test_resume_without_a_checkpoint_trains_again_without_duplicate_rows(tmp_path):
+    """checkpoint_every=0 (the sweep presets) or a kill before the first checkpoint: resume=true
+    starts over, and the folder ends up as a fresh run's, not with steps recorded twice."""
+    job(tmp_path / "fresh", "recorder.flush_every=8", steps=20)
+    job(tmp_path / "again", "recorder.flush_every=8", steps=20)  # the earlier attempt's rows are on disk
+    job(tmp_path / "again", "recorder.flush_every=8", "resume=true", steps=20)
+    for fa, fb in zip(frames(tmp_path / "fresh"), frames(tmp_path / "again"), strict=True):
+        pd.testing.assert_frame_equal(fa, fb, check_exact=True)
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     common = ["train.steps=60", "train.checkpoint_every=20", "train.eval_every=10", "model.arms=[bn,noisy_bn]"]
