@@ -32,7 +32,8 @@ from torch import nn
 from .background import background_pool
 from .schedule import Schedule
 from .stats import ALL_STATS, DEFAULT_STATS, Reducer, StatSpec
-from .store import ChunkWriter, last_recorded_step, read_histograms, read_stats, values_column, write_json_atomic
+from .store import (ChunkWriter, last_recorded_step, read_histograms, read_recorder_meta, read_stats, values_column,
+                    write_json_atomic)
 
 LayerSelector = str | type | Callable[[str, nn.Module], bool]
 MODES = ("train", "eval")
@@ -295,6 +296,7 @@ class Recorder:
         self._pending_steps = 0
         self._saved_meta: dict | None = None  # recorder.json as last written (rewritten only on change)
         self._path_checked = False  # whether path was checked for steps recorded before (first capture)
+        self._prior_layers: dict[str, dict] = {}  # recorder.json layers of an earlier session on this path
 
     # ------------------------------------------------------------------ hooks
     def __enter__(self) -> Recorder:
@@ -414,13 +416,34 @@ class Recorder:
 
     def _check_path_is_free(self) -> None:
         """Refuse to write steps into a folder that already holds them (a second Recorder on the
-        same ``path`` would mix its rows with the first one's)."""
+        same ``path`` would mix its rows with the first one's). A folder continued after its last
+        step must have been recorded with the same statistics; its layers stay described in
+        recorder.json, and its histogram ranges are reused so that bins stay comparable."""
         last = last_recorded_step(self.stats_dir)
-        if last is not None and self.current_step <= last:
+        if last is None:
+            self._path_checked = True
+            return
+        if self.current_step <= last:
             raise RecorderError(
                 f"{self.stats_dir} already holds statistics up to step {last}, and this Recorder would record "
                 f"step {self.current_step} again; pass a new path, or Recorder(..., start_step={last + 1}) to "
                 "continue that run")
+        prior = read_recorder_meta(self.stats_dir)
+        mine = self._meta()
+        differ = [k for k in ("stats", "quantiles", "hist_bins") if k in prior and prior[k] != mine[k]]
+        if differ:
+            raise RecorderError(
+                f"{self.stats_dir} was recorded with " + ", ".join(f"{k}={prior[k]}" for k in differ) + "; this "
+                "Recorder has " + ", ".join(f"{k}={mine[k]}" for k in differ) + "; continue it with the same "
+                "settings or pass a new path")
+        self._prior_layers = prior.get("layers") or {}
+        for layer, info in self._prior_layers.items():
+            by_mode = info.get("hist_edges_by_mode") or ({"train": info["hist_edges"]} if "hist_edges" in info else {})
+            for mode, edges in by_mode.items():
+                if layer in self.layers and mode in self.modes:
+                    state = self._states.setdefault((layer, mode), _LayerState(layer, mode))
+                    if state.edges is None:  # the training job restores them from its checkpoint first
+                        state.edges = (float(edges[0]), float(edges[-1]))
         self._path_checked = True
 
     def _units_at_1(self, x: torch.Tensor) -> torch.Tensor:
@@ -567,14 +590,20 @@ class Recorder:
 
     def _meta(self) -> dict:
         """What a reader needs besides the chunks: layers, units, statistics, histogram edges."""
-        layers = {}
+        # layers an earlier session recorded into this path (start_step continues it) stay described
+        layers = {name: {**info, "hist_edges_by_mode": dict(info.get("hist_edges_by_mode", {}))}
+                  for name, info in self._prior_layers.items()}
         for (layer, mode), st in sorted(self._states.items(), key=lambda kv: kv[0][1] != "train"):
-            info = layers.setdefault(layer, {"units": st.units})
+            info = layers.setdefault(layer, {"units": st.units, "hist_edges_by_mode": {}})
+            info["units"] = st.units if st.units is not None else info.get("units")
             if st.edges is not None and "hist" in self.spec.stats:
                 lo, hi = st.edges
                 edges = np.linspace(lo, hi, self.spec.hist_bins + 1).tolist()
                 info.setdefault("hist_edges", edges)  # training mode's, when recorded
-                info.setdefault("hist_edges_by_mode", {})[mode] = edges
+                info["hist_edges_by_mode"][mode] = edges
+        for info in layers.values():
+            if not info["hist_edges_by_mode"]:
+                del info["hist_edges_by_mode"]
         return (
             {
                 "layers": layers,

@@ -29,6 +29,9 @@ class Schedule:
     @classmethod
     def at(cls, steps: Iterable[int]) -> Schedule:
         """Exactly the listed steps."""
+        steps = list(steps)
+        if any(int(x) != x for x in steps):
+            raise ValueError(f"Schedule.at: steps must be whole numbers, got {steps}")
         s = frozenset(int(x) for x in steps)
         if any(x < 0 for x in s):
             raise ValueError("Schedule.at: steps must be >= 0")

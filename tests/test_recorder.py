@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 
@@ -309,6 +310,8 @@ def test_train_and_eval_histograms_each_keep_their_own_auto_range(tmp_path):
                 np.testing.assert_array_equal(got["count"].to_numpy()[1:-1], want)
     both = rec.histograms(mode=None)
     assert set(both["mode"]) == {"train", "eval"} and len(both) == 2 * len(rec.histograms())
+    meta = json.loads((tmp_path / "stats" / "recorder.json").read_text())["layers"]["0"]
+    assert meta["hist_edges"] == meta["hist_edges_by_mode"]["train"]  # what readers before by-mode edges use
 
 
 def test_capture_input_vs_output():
@@ -409,6 +412,8 @@ def test_single_names_bad_selectors_axes_and_empty_batches():
         icsk.Recorder(model, layers=[])
     with pytest.raises(TypeError, match="schedule must be"):
         icsk.Recorder(model, schedule=2.0)
+    with pytest.raises(ValueError, match="whole numbers"):
+        icsk.Recorder(model, schedule=[0, 2.5])
     with pytest.raises(icsk.RecorderError, match=r"channel_dim=5 is out of range.*\(4, 2\)"):
         with icsk.Recorder(model, channel_dim=5):
             model(x)
@@ -585,17 +590,42 @@ def test_sigterm_under_graceful_signals_flushes_what_was_recorded(tmp_path):
     assert sorted(set(load_run(tmp_path).step)) == list(range(51))
 
 
-def test_a_second_recorder_on_a_used_path_refuses_to_mix_steps(tmp_path):
-    model = nn.Sequential(nn.Linear(3, 2))
-    with icsk.Recorder(model, path=tmp_path, stats=["mean"]) as rec:
+def test_a_second_recorder_on_a_used_path_refuses_to_mix_steps_and_continues_it_after(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    kw = dict(path=tmp_path, stats=["mean", "hist"], hist_bins=5, flush_every=1)  # a chunk per step
+    with icsk.Recorder(model, layers=["0", "2"], **kw) as rec:
         for _ in range(3):
             model(torch.randn(4, 3))
             rec.step()
-    with pytest.raises(icsk.RecorderError, match=r"already holds statistics up to step 2.*start_step=3"):
-        with icsk.Recorder(model, path=tmp_path, stats=["mean"]):
+    first = rec.histograms(layers="0")
+    edges = rec.hist_edges()
+    for start in (0, 2):  # step 2 is in the last of three chunks
+        with pytest.raises(icsk.RecorderError, match=r"already holds statistics up to step 2.*start_step=3"):
+            with icsk.Recorder(model, layers=["2"], start_step=start, **kw):
+                model(torch.randn(4, 3))
+    with pytest.raises(icsk.RecorderError, match=r"recorded with stats=\['mean', 'hist'\].*same settings"):
+        with icsk.Recorder(model, layers=["2"], start_step=3, **{**kw, "stats": ["mean"]}):
             model(torch.randn(4, 3))
-    with icsk.Recorder(model, path=tmp_path, stats=["mean"], start_step=3) as rec2:
-        model(torch.randn(4, 3))
+    with icsk.Recorder(model, layers=["2"], start_step=3, **kw) as rec2:
+        model(torch.randn(4, 3) * 100)  # far outside the first session's range
         rec2.step()
+    assert rec2.hist_edges() == {("2", "train"): edges[("2", "train")]}  # the same bins as before
     df = load_run(tmp_path)
-    assert df.groupby("step").size().tolist() == [3, 3, 3, 3]  # 2 units + count per step, no step twice
+    assert df[df.stat == "mean"].groupby("step").size().tolist() == [6, 6, 6, 2]  # no step twice
+    pd.testing.assert_frame_equal(load_run(tmp_path, "hist", layers="0"), first)  # session 1 reads as before
+    h = load_run(tmp_path, "hist", layers="2")
+    assert h[h.step == 3].left.iloc[1] == h[h.step == 0].left.iloc[1]
+
+
+def test_load_run_filters_across_arms_that_record_different_layers(tmp_path):
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    for arm, layers in (("a", ["0", "2"]), ("b", ["2"])):
+        with icsk.Recorder(model, layers=layers, stats=["mean", "quantiles"], path=tmp_path / "arms" / arm) as rec:
+            model(torch.randn(5, 3))
+            rec.step()
+    only_a = load_run(tmp_path, layers="0", stats="quantiles")
+    assert set(only_a.arm) == {"a"} and set(only_a.stat) == {"q0.15", "q0.5", "q0.85"} and len(only_a) == 12
+    assert set(load_run(tmp_path, layers="2").arm) == {"a", "b"}
+    with pytest.raises(ValueError, match=r"layer '1' was not recorded.*\['0', '2'\]"):
+        load_run(tmp_path, layers=["1"])
