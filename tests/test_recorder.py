@@ -293,7 +293,7 @@ def test_train_and_eval_histograms_each_keep_their_own_auto_range(tmp_path):
     rec = icsk.Recorder(model, layers=["0"], modes=("train", "eval"), stats=["hist"], hist_bins=5, path=tmp_path)
     with rec:
         for s in range(3):
-            for mode in ("train", "eval"):
+            for mode in ("eval", "train"):  # eval first: its state is created first
                 model.train(mode == "train")
                 model(xs[mode][s])
             rec.step()
