@@ -13,7 +13,6 @@ Design (see DESIGN.md, ANCHORS.md):
 from __future__ import annotations
 
 import difflib
-import fnmatch
 import shutil
 import tempfile
 import warnings
@@ -32,8 +31,8 @@ from torch import nn
 from .background import background_pool
 from .schedule import Schedule
 from .stats import ALL_STATS, DEFAULT_STATS, Reducer, StatSpec
-from .store import (ChunkWriter, last_recorded_step, read_histograms, read_recorder_meta, read_stats, values_column,
-                    write_json_atomic)
+from .store import (ChunkWriter, hist_edges_of, last_recorded_step, names_matching, read_histograms, read_recorder_meta,
+                    read_stats, values_column, write_json_atomic)
 
 LayerSelector = str | type | Callable[[str, nn.Module], bool]
 MODES = ("train", "eval")
@@ -64,7 +63,7 @@ def select_layers(model: nn.Module, layers: LayerSelector | Sequence[LayerSelect
     chosen: dict[str, nn.Module] = {}
     for sel in layers:
         if isinstance(sel, str):
-            hits = [n for n in named if n == sel or (any(c in sel for c in "*?[") and fnmatch.fnmatchcase(n, sel))]
+            hits = names_matching(sel, named)
         elif isinstance(sel, type) and issubclass(sel, nn.Module):
             hits = [n for n, m in named.items() if isinstance(m, sel)]
         elif callable(sel):
@@ -420,9 +419,12 @@ class Recorder:
         step must have been recorded with the same statistics; its layers stay described in
         recorder.json, and its histogram ranges are reused so that bins stay comparable."""
         last = last_recorded_step(self.stats_dir)
-        if last is None:
-            self._path_checked = True
-            return
+        if last is not None:
+            self._continue_path(last)
+        self._path_checked = True
+
+    def _continue_path(self, last: int) -> None:
+        """Take over a folder recorded up to step ``last`` (see :meth:`_check_path_is_free`)."""
         if self.current_step <= last:
             raise RecorderError(
                 f"{self.stats_dir} already holds statistics up to step {last}, and this Recorder would record "
@@ -437,14 +439,12 @@ class Recorder:
                 "Recorder has " + ", ".join(f"{k}={mine[k]}" for k in differ) + "; continue it with the same "
                 "settings or pass a new path")
         self._prior_layers = prior.get("layers") or {}
-        for layer, info in self._prior_layers.items():
-            by_mode = info.get("hist_edges_by_mode") or ({"train": info["hist_edges"]} if "hist_edges" in info else {})
-            for mode, edges in by_mode.items():
-                if layer in self.layers and mode in self.modes:
-                    state = self._states.setdefault((layer, mode), _LayerState(layer, mode))
-                    if state.edges is None:  # the training job restores them from its checkpoint first
-                        state.edges = (float(edges[0]), float(edges[-1]))
-        self._path_checked = True
+        known = self.hist_edges()  # the training job restores them from its checkpoint first
+        self.restore_edges({(layer, mode): (edges[0], edges[-1])
+                            for layer, info in self._prior_layers.items() if layer in self.layers
+                            # a folder from before per-mode ranges holds its single range as training mode's
+                            for mode in (self.modes if "hist_edges_by_mode" in info else ("train",))
+                            if (layer, mode) not in known and (edges := hist_edges_of(info, mode)) is not None})
 
     def _units_at_1(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` with its unit axis (``channel_dim``) moved to dim 1: (N, C, ...)."""
@@ -591,19 +591,15 @@ class Recorder:
     def _meta(self) -> dict:
         """What a reader needs besides the chunks: layers, units, statistics, histogram edges."""
         # layers an earlier session recorded into this path (start_step continues it) stay described
-        layers = {name: {**info, "hist_edges_by_mode": dict(info.get("hist_edges_by_mode", {}))}
-                  for name, info in self._prior_layers.items()}
+        layers = {name: dict(info) for name, info in self._prior_layers.items()}
         for (layer, mode), st in sorted(self._states.items(), key=lambda kv: kv[0][1] != "train"):
-            info = layers.setdefault(layer, {"units": st.units, "hist_edges_by_mode": {}})
+            info = layers.setdefault(layer, {"units": st.units})
             info["units"] = st.units if st.units is not None else info.get("units")
             if st.edges is not None and "hist" in self.spec.stats:
                 lo, hi = st.edges
                 edges = np.linspace(lo, hi, self.spec.hist_bins + 1).tolist()
                 info.setdefault("hist_edges", edges)  # training mode's, when recorded
-                info["hist_edges_by_mode"][mode] = edges
-        for info in layers.values():
-            if not info["hist_edges_by_mode"]:
-                del info["hist_edges_by_mode"]
+                info["hist_edges_by_mode"] = {**info.get("hist_edges_by_mode", {}), mode: edges}
         return (
             {
                 "layers": layers,

@@ -164,6 +164,10 @@ def chunk_files(folder: str | os.PathLike) -> list[Path]:
     return sorted(Path(folder).glob(CHUNK_GLOB))
 
 
+def _unreadable_chunk(path: Path, error: Exception) -> RunFolderError:
+    return RunFolderError(f"{path}: unreadable parquet chunk ({error}); delete it to load the rest")
+
+
 def last_recorded_step(folder: str | os.PathLike) -> int | None:
     """The largest step in a folder's chunks (from parquet's column statistics), None if none."""
     last = None
@@ -171,7 +175,7 @@ def last_recorded_step(folder: str | os.PathLike) -> int | None:
         try:
             meta = pq.ParquetFile(path).metadata
         except (pa.ArrowInvalid, OSError) as e:
-            raise RunFolderError(f"{path}: unreadable parquet chunk ({e}); delete it to load the rest") from None
+            raise _unreadable_chunk(path, e) from None
         col = meta.schema.names.index("step")
         for i in range(meta.num_row_groups):
             st = meta.row_group(i).column(col).statistics
@@ -188,7 +192,7 @@ def read_chunks(folder: str | os.PathLike, filters=None, columns: Sequence[str] 
         try:
             table = pq.read_table(path, filters=filters, columns=columns)
         except (pa.ArrowInvalid, OSError) as e:
-            raise RunFolderError(f"{path}: unreadable parquet chunk ({e}); delete it to load the rest") from None
+            raise _unreadable_chunk(path, e) from None
         if "values" in table.column_names and not pa.types.is_large_binary(table.schema.field("values").type):
             flat, starts = flat_values(table.column("values"))  # an older list chunk: one type to concatenate
             i = table.column_names.index("values")
@@ -259,6 +263,19 @@ def _empty_frame(columns: dict[str, str]) -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=t) for c, t in columns.items()})
 
 
+def names_matching(pattern: str, names: Iterable[str]) -> list[str]:
+    """``names`` equal to ``pattern``, or matching it as a glob when it has ``*?[``."""
+    glob = any(c in pattern for c in "*?[")
+    return [n for n in names if n == pattern or (glob and fnmatch.fnmatchcase(n, pattern))]
+
+
+def hist_edges_of(layer_info: dict, mode: str) -> list[float] | None:
+    """A layer's histogram edges for ``mode`` from recorder.json: per mode since modes got
+    ranges of their own; folders written before hold one range for the layer (None: no
+    histograms)."""
+    return (layer_info.get("hist_edges_by_mode") or {}).get(mode, layer_info.get("hist_edges"))
+
+
 def resolve_selection(metas: Sequence[dict], layers=None, stats=None, steps=None, mode: str | None = "train",
                       strict: bool = True) -> tuple[list[str] | None, list[str] | None, Any]:
     """``(layers, stats, steps)`` as the readers filter on, checked against what was recorded
@@ -292,8 +309,7 @@ def resolve_selection(metas: Sequence[dict], layers=None, stats=None, steps=None
 
     if layers is not None:
         layers = expand("layer", [layers] if isinstance(layers, str) else list(layers), known_layers,
-                        lambda n: [k for k in known_layers if fnmatch.fnmatchcase(k, n)]
-                        if any(c in n for c in "*?[") else [n] if n in known_layers else [])
+                        lambda n: names_matching(n, known_layers))
     if stats is not None:
         quantiles = [k for k in known_stats if k.startswith("q") and k[1:2].isdigit()]
         stats = expand("statistic", stats, known_stats,
@@ -347,10 +363,8 @@ def read_histograms(stats_dir: str | os.PathLike, layers=None, steps=None, mode:
     step_of = table.column("step").to_numpy()
     for layer, row_mode in dict.fromkeys(zip(layer_of, mode_of)):  # in order of appearance
         rows = np.flatnonzero((layer_of == layer) & (mode_of == row_mode))
-        info = meta["layers"][layer]
-        # each mode has its own range ("auto" sets it from that mode's first batch); folders
-        # written before hist_edges_by_mode existed hold one range per layer
-        edges = np.asarray(info.get("hist_edges_by_mode", {}).get(row_mode, info["hist_edges"]), dtype=np.float64)
+        # each mode has its own range ("auto" sets it from that mode's first batch)
+        edges = np.asarray(hist_edges_of(meta["layers"][layer], row_mode), dtype=np.float64)
         nb = edges.size + 1
         width = int(offsets[rows[0] + 1] - offsets[rows[0]])  # units x bins, the same in every row
         counts = flat[offsets[rows][:, None] + np.arange(width)].reshape(len(rows), -1, nb)
