@@ -61,9 +61,16 @@ except ImportError:  # optional: the torch path is used instead
     numba = None
 
 
+def env_flag(name: str, default: bool) -> bool:
+    """An on/off environment switch: unset or empty gives ``default``, 0/false/no/off (any case)
+    False, anything else True."""
+    value = os.environ.get(name, "").strip().lower()
+    return default if not value else value not in ("0", "false", "no", "off")
+
+
 def available() -> bool:
     """Whether the fused kernels can run (numba importable and not disabled by ``ICSK_FUSED=0``)."""
-    return numba is not None and os.environ.get("ICSK_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
+    return numba is not None and env_flag("ICSK_FUSED", True)
 
 
 if numba is not None:

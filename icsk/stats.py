@@ -12,7 +12,9 @@ histograms). Speed notes, measured on a 2-core CPU (see reports/benchmarks.md):
 * ``torch.sort`` over many short rows is ~9x slower than NumPy's SIMD sort on the CPU, so
   quantiles sort with NumPy there (zero-copy view, same memory) and with torch on GPUs;
 * on GPUs mean and variance come from one ``torch.var_mean`` pass (one kernel instead of
-  five), and histograms from ``index_add_``, since ``bincount`` syncs with the host;
+  five), and histograms from ``index_add_``, since ``bincount`` syncs with the host; with
+  ``ICSK_TRITON=1`` every statistic but the quantiles comes from one fused Triton kernel
+  (:mod:`icsk.gpu_kernels`) instead;
 * conv activations on the CPU (rows of >= 16 spatial values) get every statistic but the
   quantiles from one fused pass (:mod:`icsk.kernels`, numba) instead of one pass per statistic;
 * dense activations on the CPU (one value per unit and sample, batches up to 256) get every
@@ -128,7 +130,12 @@ class Reducer:
         if on_cpu and x.shape[3] == 1 and x.shape[1] <= kernels.MAX_NETWORK_ROWS:
             return self._scan_lanes(x, edges)
         fused = on_cpu and x.is_contiguous() and x.shape[3] >= kernels.MIN_ROW
-        out = self._scan_fused(x, edges) if fused else self._scan_torch(x, edges)
+        if fused:
+            out = self._scan_fused(x, edges)
+        elif self.fused and x.device.type == "cuda" and kernels.env_flag("ICSK_TRITON", False):
+            out = self._scan_triton(x, edges)
+        else:
+            out = self._scan_torch(x, edges)
         if "quantiles" in stats:  # last: sorting may reorder a staging buffer in place
             for q, v in zip(spec.quantiles, self._quantiles(x, sortable), strict=True):
                 out[quantile_name(q)] = v
@@ -194,6 +201,15 @@ class Reducer:
         res = kernels.scan(x.numpy(), **self._kernel_options(edges), nonfinite="nonfinite" in stats,
                            threads=self.threads or torch.get_num_threads())
         return {s: torch.from_numpy(v) for s, v in res.items() if s in stats}
+
+    def _scan_triton(self, x: torch.Tensor, edges) -> dict[str, torch.Tensor]:
+        """Every statistic but the quantiles in one read on the GPU (:func:`icsk.gpu_kernels.scan`)."""
+        try:
+            from . import gpu_kernels  # imports Triton: only when asked for
+        except ImportError as e:
+            raise RuntimeError("ICSK_TRITON=1 needs Triton: pip install triton, or unset ICSK_TRITON") from e
+        res = gpu_kernels.scan(x, **self._kernel_options(edges), nonfinite="nonfinite" in self.spec.stats)
+        return {s: v for s, v in res.items() if s in self.spec.stats}
 
     def _scan_lanes(self, x: torch.Tensor, edges) -> dict[str, torch.Tensor]:
         """Every statistic, quantiles included, of a [K, N, C, 1] view with units as SIMD lanes

@@ -11,6 +11,8 @@ Usage: python scripts/bench_recorder.py [--quick] [--device cuda] [--write repor
 
 ``--base REV`` also times the Recorder of git revision REV in the same rounds (an in-process A/B
 of a change; no --write): ``python scripts/bench_recorder.py --peers none --only mlp --base HEAD~1``.
+With ``--device cuda`` and Triton installed, ``icsk-triton`` (icsk with ``ICSK_TRITON=1``: the
+fused kernel of :mod:`icsk.gpu_kernels`) runs in the same rounds too, with its ratio to icsk.
 """
 
 from __future__ import annotations
@@ -143,6 +145,30 @@ class IcskRec:
         shutil.rmtree(self.rec.path, ignore_errors=True)
 
 
+class IcskTritonRec(IcskRec):
+    """icsk with ``ICSK_TRITON=1`` while its block runs (the reducer reads it at every reduction)."""
+
+    def __enter__(self):
+        self._before = os.environ.get("ICSK_TRITON")
+        os.environ["ICSK_TRITON"] = "1"
+        return super().__enter__()
+
+    def __exit__(self, *a):
+        super().__exit__(*a)
+        if self._before is None:
+            os.environ.pop("ICSK_TRITON", None)
+        else:
+            os.environ["ICSK_TRITON"] = self._before
+
+
+def triton_installed() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 # ---------------------------------------------------------------- timing
 def make_step(model, x, y) -> Callable[[], None]:
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -208,6 +234,8 @@ def measure(name, model, x, y, layer_names, stats, steps_per_block, repeats, war
     configs = {k: v for k, v in configs.items() if k in ("plain", "icsk") or k in peers}
     if base is not None:
         configs["base"] = IcskRec(model, layer_names, stats, base)
+    if x.is_cuda and triton_installed():
+        configs["icsk-triton"] = IcskTritonRec(model, layer_names, stats)
 
     def block(ctx) -> float:
         gc.collect()
@@ -393,13 +421,17 @@ def main() -> None:
         lines += ["", f"Per-step reduction cost of each VGG conv output on the CPU ({torch.get_num_threads()} threads; "
                   "mean/var + 32-bin histogram, medians of interleaved repeats):", ""]
         lines += reduction_costs(repeats=max(5, reps))
-    if base is not None:
-        lines.append("")
+    for other, label, versus in (("base", f"icsk@{args.base}", f"this tree / {args.base}"),
+                                 ("icsk-triton", "icsk with ICSK_TRITON=1", "ICSK_TRITON=1 / icsk")):
+        if any(other in r for _, r, _ in rows):
+            lines.append("")
         for title, r, _ in rows:
-            ab = [a / b for a, b in zip(r["icsk"][5], r["base"][5], strict=True)]
-            lo, hi = median_ci(ab)
-            lines.append(f"{title}: icsk@{args.base} {r['base'][1]:.3f}x; this tree / {args.base}, per round: "
-                         f"median {statistics.median(ab):.3f} (95 % interval {lo:.3f} to {hi:.3f})")
+            if other in r:
+                a, b = (r["icsk"], r[other]) if other == "base" else (r[other], r["icsk"])
+                ab = [u / v for u, v in zip(a[5], b[5], strict=True)]
+                lo, hi = median_ci(ab)
+                lines.append(f"{title}: {label} {r[other][1]:.3f}x; {versus}, per round: "
+                             f"median {statistics.median(ab):.3f} (95 % interval {lo:.3f} to {hi:.3f})")
     table = "\n".join(lines)
     print(table)
     if args.write:

@@ -6,6 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # icsk.gpu_kernels' Triton kernels then run in Triton's interpreter, on CPU tensors (tests/
+    # test_gpu_kernels.py); Triton reads this when it is first imported, which is after here
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture
 def one_thread():
