@@ -13,7 +13,8 @@ def _hydra_main(cfg) -> None:
 
     from .experiment import run
 
-    run(cfg, HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    run(cfg, hc.runtime.output_dir, overrides=list(hc.overrides.task))
 
 
 def train_main() -> None:

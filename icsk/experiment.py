@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import random
+import shlex
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -281,17 +282,60 @@ def _drop_rows_without_checkpoint(run_dir: Path) -> None:
         p.unlink()
 
 
-def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Train every arm of ``cfg`` into ``run_dir``; returns the final run.json content."""
+# settings a resumed run may change: where it runs and what it prints or mirrors, not what it computes
+RESUME_MAY_CHANGE = ("resume", "device", "train.progress", "logger", "data.root", "data.download")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as {"a.b.c": value} (an empty dict is a value)."""
+    if not isinstance(d, dict) or not d:
+        return {prefix: d}
+    return {k: v for key, val in d.items() for k, v in _flat(val, f"{prefix}.{key}" if prefix else str(key)).items()}
+
+
+def _check_resume_config(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> None:
+    """``resume=true`` continues a run with the settings it started with (its config.yaml): any
+    other difference would mix two experiments in one folder, so it is refused with the command
+    that resumes it as started."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.exists():
+        return
+    saved = _flat(OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True))
+    now = _flat(OmegaConf.to_container(cfg, resolve=True))
+    missing = object()
+    differ = sorted(k for k in saved.keys() | now.keys()
+                    if saved.get(k, missing) != now.get(k, missing)
+                    and not any(k == m or k.startswith(m + ".") for m in RESUME_MAY_CHANGE))
+    if not differ:
+        return
+    shown = "; ".join(f"{k}: {saved.get(k, '(unset)')} in the run, {now.get(k, '(unset)')} now"
+                      for k in differ[:8]) + (f"; and {len(differ) - 8} more" if len(differ) > 8 else "")
+    first = [o for o in overrides or () if not o.startswith(("resume=", "+resume="))]
+    how = (f"icsk-train {shlex.join([*first, 'resume=true', f'hydra.run.dir={run_dir}'])}" if overrides is not None
+           else "the overrides of its first launch, plus resume=true")
+    raise ConfigError(f"resume=true continues {run_dir} with the settings it started with, but {len(differ)} "
+                      f"differ: {shown}. Resume it with: {how}. Only {', '.join(RESUME_MAY_CHANGE[1:])} may "
+                      "change on resume; for other settings start a new run folder.")
+
+
+def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Train every arm of ``cfg`` into ``run_dir``; returns the final run.json content.
+
+    ``overrides``: the command-line overrides that composed ``cfg`` (the Hydra entry point
+    passes them); kept in run.json, so a refused resume can print the command that works."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resume = bool(cfg.get("resume", False))
     status_path = run_dir / "run.json"
     if not resume and (run_dir / "arms").exists():
         raise ConfigError(f"{run_dir} already holds a run; pass resume=true to continue it or choose a new folder")
-    if resume and not Checkpointer(run_dir).exists():
-        _drop_rows_without_checkpoint(run_dir)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    prior: dict[str, Any] = read_json(status_path) if (resume and status_path.exists()) else {}
+    if resume:
+        _check_resume_config(cfg, run_dir, prior.get("overrides"))
+        if not Checkpointer(run_dir).exists():
+            _drop_rows_without_checkpoint(run_dir)
+    if not (resume and (run_dir / "config.yaml").exists()):  # a resumed run keeps the config it started with
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     seed_everything(int(cfg.seed))
     device = resolve_device(str(cfg.device))
     bundle = load_data(cfg)
@@ -319,7 +363,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     probes = build_probes(cfg.get("metrics"), first.weight_layer_names(), probe_loss, float(cfg.optim.lr))
     container = OmegaConf.to_container(cfg, resolve=True)
     logger = make_logger(cfg.get("logger"), run_dir, container)
-    info: dict[str, Any] = read_json(status_path) if (resume and status_path.exists()) else {}
+    info = prior
+    info.pop("error", None)  # an earlier attempt's failure is not this one's
+    info.setdefault("overrides", None if overrides is None else [str(o) for o in overrides])
     info.update({"name": str(cfg.get("name", "run")), "status": "running", "started": info.get("started", _now()),
                  "device": str(device), "steps": steps, "arms": {}, "wandb_run": logger.run_id})
     write_json_atomic(status_path, info)

@@ -84,11 +84,43 @@ def test_resume_without_a_checkpoint_trains_again_without_duplicate_rows(tmp_pat
         pd.testing.assert_frame_equal(fa, fb, check_exact=True)
 
 
+def test_resume_refuses_other_settings_and_prints_the_command_that_works(tmp_path):
+    """A resume must not train on with settings the run did not start with (the README's
+    'resume=true in its folder' used to rebuild the job from the defaults): it is refused with
+    the first launch's overrides, config.yaml stays the run's, and where/how-it-prints settings
+    may change."""
+    first = [*BASE, "train.steps=20", "train.eval_every=0", "train.checkpoint_every=10", "optim.lr=0.3",
+             "model.arms=[bn,none]"]
+    run(compose(first), tmp_path, overrides=first)
+    saved = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(ConfigError) as err:
+        run(compose(["resume=true", "logger=none"]), tmp_path)
+    msg = str(err.value)
+    assert "optim.lr: 0.3 in the run, 0.5 now" in msg and "train.steps: 20 in the run, 2000 now" in msg
+    assert f"icsk-train {' '.join(BASE)} train.steps=20" in msg and "'model.arms=[bn,none]'" in msg
+    assert msg.endswith("start a new run folder.") and f"resume=true hydra.run.dir={tmp_path}" in msg
+    assert (tmp_path / "config.yaml").read_text() == saved
+    info = run(compose([*first, "resume=true", "train.progress=true", "device=cpu"]), tmp_path)
+    assert info["status"] == "finished" and info["overrides"] == first
+    assert (tmp_path / "config.yaml").read_text() == saved
+
+
+def test_resume_clears_the_earlier_attempts_error(tmp_path):
+    job(tmp_path, steps=10)
+    info = json.loads((tmp_path / "run.json").read_text())
+    info.update(status="failed", error="RuntimeError: CUDA out of memory")
+    (tmp_path / "run.json").write_text(json.dumps(info))
+    job(tmp_path, "resume=true", steps=10)
+    info = json.loads((tmp_path / "run.json").read_text())
+    assert info["status"] == "finished" and "error" not in info
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     common = ["train.steps=60", "train.checkpoint_every=20", "train.eval_every=10", "model.arms=[bn,noisy_bn]"]
     full = cli(tmp_path / "full", *common)
     assert full.returncode == 0, full.stdout + full.stderr
+    assert json.loads((tmp_path / "full" / "run.json").read_text())["overrides"] == [*BASE, *common]
     killed = cli(tmp_path / "cut", *common, env_extra={"ICSK_FAULT_KILL_AT_STEP": "50"})
     assert killed.returncode == -signal.SIGKILL
     partial = icsk.load_run(tmp_path / "cut")  # a killed run folder still reads
