@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import metrics as M
+from .config import flatten
 from .data import BatchStream, DataBundle, get_dataset, probe_batch
 from .hooks import Recorder
 from .log import make_logger
@@ -286,13 +287,6 @@ def _drop_rows_without_checkpoint(run_dir: Path) -> None:
 RESUME_MAY_CHANGE = ("resume", "device", "train.progress", "logger", "data.root", "data.download")
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as {"a.b.c": value} (an empty dict is a value)."""
-    if not isinstance(d, dict) or not d:
-        return {prefix: d}
-    return {k: v for key, val in d.items() for k, v in _flat(val, f"{prefix}.{key}" if prefix else str(key)).items()}
-
-
 def _check_resume_config(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> None:
     """``resume=true`` continues a run with the settings it started with (its config.yaml): any
     other difference would mix two experiments in one folder, so it is refused with the command
@@ -300,8 +294,8 @@ def _check_resume_config(cfg: DictConfig, run_dir: Path, overrides: list[str] | 
     saved_path = run_dir / "config.yaml"
     if not saved_path.exists():
         return
-    saved = _flat(OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True))
-    now = _flat(OmegaConf.to_container(cfg, resolve=True))
+    saved = flatten(OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True))
+    now = flatten(OmegaConf.to_container(cfg, resolve=True))
     missing = object()
     differ = sorted(k for k in saved.keys() | now.keys()
                     if saved.get(k, missing) != now.get(k, missing)

@@ -22,6 +22,7 @@ import icsk  # noqa: E402
 from icsk.report import build_report, collect_runs, figures  # noqa: E402
 from icsk.report.cli import main  # noqa: E402
 from icsk.report.figures import FIGURE_NAMES, MissingDataError  # noqa: E402
+from icsk.report.loading import Run, RunSet  # noqa: E402
 from icsk.store import MetricsWriter, write_json_atomic  # noqa: E402
 
 STEPS = 24
@@ -151,6 +152,17 @@ def runs(sweep_dir):
 
 
 # ---------------------------------------------------------------------- loading
+def test_bookkeeping_keys_are_not_swept_parameters():
+    """A resumed run, or one that downloaded its data or checkpointed more often, is a sibling of
+    the others, not a point of a sweep; a real difference still is."""
+    base = {"name": "x", "seed": 0, "optim.lr": 0.1, "resume": False, "data.download": False,
+            "train.checkpoint_every": 1000, "train.eval_batch_size": 1000}
+    other = {**base, "seed": 1, "resume": True, "data.download": True, "train.checkpoint_every": 0,
+             "train.eval_batch_size": 500}
+    assert RunSet([Run(None, "0", base), Run(None, "1", other)]).varying_keys() == []
+    assert RunSet([Run(None, "0", base), Run(None, "1", {**other, "optim.lr": 0.5})]).varying_keys() == ["optim.lr"]
+
+
 def test_collect_sweep_runs_and_config_columns(sweep_dir, runs):
     assert [r.run_id for r in runs] == ["0", "1", "2", "3"]
     assert runs.arms == ["none", "bn"]

@@ -20,16 +20,18 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from ..config import flatten
 from ..store import RunFolderError, arms_of, load_run, read_json, read_recorder_meta
 from .style import order_arms
 
 if TYPE_CHECKING:
     from .wandb_source import WandbQuery
 
-# Config keys never treated as swept parameters (bookkeeping, or the arm itself).
-_NOT_SWEPT = re.compile(r"^(name|seed|model\.arms|model\.norm|(hydra|logger|wandb)(\..*)?|"
+# Config keys never treated as swept parameters (bookkeeping, or the arm itself): a resumed run,
+# one that downloaded its data or checkpointed more often is the same experiment as its siblings.
+_NOT_SWEPT = re.compile(r"^(name|seed|resume|model\.arms|model\.norm|(hydra|logger|wandb)(\..*)?|"
                         r"(.*\.)?(\w*_dir|dir|\w*_path|path|root|\w*_file|project|entity|tags|notes|device|"
-                        r"\w*workers|log_every|progress))$")
+                        r"\w*workers|log_every|progress|\w*download|checkpoint_every|eval_batch_size))$")
 _MAX_DEPTH = 3
 
 
@@ -47,16 +49,6 @@ def is_run_dir(path: Path) -> bool:
     return (path / "run.json").is_file() or (path / "arms").is_dir() or (path / "stats" / "recorder.json").is_file()
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if isinstance(d, dict):
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-        out[prefix[:-1]] = tuple(d) if isinstance(d, list) else d
-    return out
-
-
 def read_config(run_dir: Path) -> dict[str, Any]:
     """The run's resolved config as a flat dict of dotted keys ({} when there is none)."""
     for p in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml"):
@@ -68,7 +60,7 @@ def read_config(run_dir: Path) -> dict[str, Any]:
                 c = OmegaConf.to_container(cfg, resolve=True)
             except Exception:  # e.g. ${hydra:...} outside a Hydra app
                 c = OmegaConf.to_container(cfg, resolve=False)
-            return _flatten(c)
+            return flatten(c)
     return {}
 
 

@@ -25,7 +25,8 @@ import numpy as np
 import pandas as pd
 
 from ..log import split_metric_key
-from .loading import NoRunsError, Run, _flatten
+from ..config import flatten
+from .loading import NoRunsError, Run
 
 PREFIX = "wandb:"
 FORMS = "wandb:ENTITY/PROJECT, wandb:ENTITY/PROJECT/RUN_ID or wandb:PROJECT (your default entity)"
@@ -134,7 +135,7 @@ def wandb_config(config: Mapping[str, Any]) -> dict[str, Any]:
     def unwrap(v: Any) -> Any:
         return v["value"] if isinstance(v, Mapping) and "value" in v and set(v) <= {"value", "desc"} else v
 
-    return _flatten({k: unwrap(v) for k, v in config.items() if not str(k).startswith("_")})
+    return flatten({k: unwrap(v) for k, v in config.items() if not str(k).startswith("_")})
 
 
 def arm_status(summary: Mapping[str, Any]) -> dict[str, dict[str, str]]:
