@@ -283,6 +283,10 @@ def _drop_rows_without_checkpoint(run_dir: Path) -> None:
         p.unlink()
 
 
+# exceptions a cluster's launcher raises in the job when it stops it, by class name (the launcher
+# may not be importable here): submitit's at a SLURM time-out it does not requeue
+CLUSTER_INTERRUPTIONS = ("UncompletedJobError",)
+
 # settings a resumed run may change: where it runs and what it prints or mirrors, not what it computes
 RESUME_MAY_CHANGE = ("resume", "device", "train.progress", "logger", "data.root", "data.download")
 
@@ -388,9 +392,13 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
         exit_code = 130
         raise
     except Exception as e:
-        info["status"] = "failed"
-        info["error"] = f"{type(e).__name__}: {e}"
-        exit_code = 1
+        if type(e).__name__ in CLUSTER_INTERRUPTIONS:
+            info["status"] = "interrupted"
+            exit_code = 130
+        else:
+            info["status"] = "failed"
+            info["error"] = f"{type(e).__name__}: {e}"
+            exit_code = 1
         raise
     finally:
         progress.close()

@@ -105,6 +105,29 @@ def test_resume_refuses_other_settings_and_prints_the_command_that_works(tmp_pat
     assert (tmp_path / "config.yaml").read_text() == saved
 
 
+def test_a_slurm_time_out_closes_the_run_as_interrupted(tmp_path, monkeypatch):
+    """submitit's SIGUSR2 handler raises UncompletedJobError (a RuntimeError) at a time-out it does
+    not requeue: that is an interruption, as the README and the slurm launcher config say."""
+    import icsk.experiment as experiment
+
+    class UncompletedJobError(RuntimeError):
+        pass
+
+    real_run = experiment.Trainer.run
+
+    def run_then_time_out(self, *a, **k):
+        self.steps = 6
+        real_run(self, *a, **k)
+        raise UncompletedJobError("Job not requeued because: timed-out too many times.")
+
+    monkeypatch.setattr(experiment.Trainer, "run", run_then_time_out)
+    with pytest.raises(UncompletedJobError):
+        job(tmp_path, steps=20)
+    info = json.loads((tmp_path / "run.json").read_text())
+    assert info["status"] == "interrupted" and "error" not in info
+    assert info["arms"]["bn"]["last_step"] == 5
+
+
 def test_resume_clears_the_earlier_attempts_error(tmp_path):
     job(tmp_path, steps=10)
     info = json.loads((tmp_path / "run.json").read_text())
