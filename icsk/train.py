@@ -49,6 +49,7 @@ class Arm:
     last_step: int = -1
     _losses: list[torch.Tensor] = field(default_factory=list)
     _accs: list[torch.Tensor] = field(default_factory=list)
+    _lrs: list[float] = field(default_factory=list)  # the learning rate each buffered step used
 
     @property
     def active(self) -> bool:
@@ -298,6 +299,7 @@ class Trainer:
                 for probe in late:
                     self._run_probe(probe, a, (x, y), grads=grads, loss=float(loss.detach()))
                 rng_after.restore()
+            a._lrs.append(float(a.optimizer.param_groups[0]["lr"]))
             a.optimizer.step()
             if a.scheduler is not None:
                 a.scheduler.step()
@@ -336,7 +338,8 @@ class Trainer:
         losses = torch.stack(a._losses).cpu().numpy()
         accs = torch.stack(a._accs).cpu().numpy() if a._accs else None
         first = a.last_step - len(losses) + 1
-        a._losses, a._accs = [], []
+        lrs = a._lrs
+        a._losses, a._accs, a._lrs = [], [], []
         bad = np.flatnonzero(~np.isfinite(losses))
         if bad.size:
             self._diverge(a, first + int(bad[0]), f"non-finite training loss {losses[bad[0]]}")
@@ -347,7 +350,7 @@ class Trainer:
         vals = {"loss": float(losses.mean())}
         if accs is not None and accs.size:
             vals["acc"] = float(accs.mean())
-        vals["lr"] = float(a.optimizer.param_groups[0]["lr"])
+        vals["lr"] = lrs[losses.size - 1]  # of the logged step, before the scheduler moved on
         self._emit(first + losses.size - 1, a, vals)
 
     def _diverge(self, arm: Arm, step: int, reason: str) -> None:

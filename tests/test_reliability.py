@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
@@ -103,6 +104,20 @@ def test_resume_refuses_other_settings_and_prints_the_command_that_works(tmp_pat
     info = run(compose([*first, "resume=true", "train.progress=true", "device=cpu"]), tmp_path)
     assert info["status"] == "finished" and info["overrides"] == first
     assert (tmp_path / "config.yaml").read_text() == saved
+
+
+@pytest.mark.parametrize("log_every", [1, 3])
+def test_logged_learning_rate_is_the_one_the_logged_step_used(tmp_path, log_every):
+    """A cosine schedule from lr 1 over 6 steps: step s trains with 0.5 (1 + cos(pi s / 6)); the
+    row logged at step s must carry that, not the next step's rate."""
+    cfg = compose([*BASE, "train.steps=6", "train.eval_every=0", "train.checkpoint_every=0", "optim.lr=1",
+                   "optim.schedule=cosine", f"train.log_every={log_every}", "model.arms=[none]"])
+    run(cfg, tmp_path)
+    m = icsk.load_run(tmp_path, table="metrics")
+    lr = m[m.metric == "lr"].sort_values("step")
+    want = 0.5 * (1 + np.cos(np.pi * lr.step.to_numpy() / 6))
+    assert lr.step.tolist() == list(range(log_every - 1, 6, log_every))
+    np.testing.assert_allclose(lr.value.to_numpy(), want, rtol=1e-6)
 
 
 def test_a_slurm_time_out_closes_the_run_as_interrupted(tmp_path, monkeypatch):
