@@ -27,7 +27,7 @@ from .config import flatten
 from .data import BatchStream, DataBundle, get_dataset, probe_batch
 from .hooks import Recorder
 from .log import make_logger
-from .models import make_pair
+from .models import make_pair, uses_batch_statistics
 from .schedule import Schedule
 from .store import chunk_files, read_json, write_json_atomic
 from .train import Arm, Checkpointer, Probe, Trainer
@@ -349,7 +349,7 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
             (run_dir / "arms" / name / "stats").mkdir(parents=True, exist_ok=True)
         arms.append(Arm(name, model, opt, build_scheduler(cfg.optim, opt, steps), rec))
     first = next(iter(models.values()))
-    batch_norms = sorted(set(models) & {"bn", "noisy_bn", "lp"})
+    batch_norms = sorted(a for a in models if uses_batch_statistics(a))
     if cfg.data.batch_size is not None and int(cfg.data.batch_size) < 2 and batch_norms:
         raise ConfigError(f"arms {batch_norms} normalize over the batch and cannot train with data.batch_size="
                           f"{cfg.data.batch_size}; use data.batch_size>=2 or drop those arms (model.arms=[none,ln])")

@@ -229,6 +229,8 @@ def test_signal_during_a_chunk_write_loses_no_chunk(tmp_path):
 def test_bad_inputs_get_clear_messages(tmp_path):
     with pytest.raises(ConfigError, match=r"batch_size=1.*batch_size>=2"):
         job(tmp_path / "bs1", "data.batch_size=1", steps=2)
+    with pytest.raises(ConfigError, match=r"\['LpInf', 'lp1'\].*batch_size=1"):  # lp by its aliases, any case
+        job(tmp_path / "bs1lp", "data.batch_size=1", "model.arms=[lp1,LpInf,ln]", steps=2)
     with pytest.raises(DatasetNotFoundError, match=str(tmp_path / "nodata")):
         job(tmp_path / "mnist", "data=mnist", f"data.root={tmp_path / 'nodata'}", steps=2)
     with pytest.raises(icsk.RecorderError, match=r"block9.pre_act.*nearest valid names.*block\d.pre_act"):

@@ -8,10 +8,11 @@ from .blocks import ACTIVATIONS, Block, Tap, TapNet, make_activation
 from .cnn import VGG, VGG_VARIANTS
 from .dln import DLN
 from .mlp import MLP
-from .norms import NORMS, LpNorm, NoisyBatchNorm1d, NoisyBatchNorm2d, make_norm
+from .norms import NORMS, LpNorm, NoisyBatchNorm1d, NoisyBatchNorm2d, make_norm, uses_batch_statistics
 from .pairing import MODELS, build_model, make_arms, make_pair
 
 __all__ = [
     "ACTIVATIONS", "Block", "DLN", "LpNorm", "MLP", "MODELS", "NORMS", "NoisyBatchNorm1d", "NoisyBatchNorm2d",
     "Tap", "TapNet", "VGG", "VGG_VARIANTS", "build_model", "make_activation", "make_arms", "make_norm", "make_pair",
+    "uses_batch_statistics",
 ]

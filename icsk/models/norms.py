@@ -108,6 +108,13 @@ def _divisor_at_most(groups: int, channels: int) -> int:
     return g
 
 
+def uses_batch_statistics(kind: str) -> bool:
+    """Whether normalizer ``kind`` (aliases included) normalizes over the batch in training, so a
+    batch of one sample cannot train it (bn, noisy_bn and every lp)."""
+    kind = str(kind).lower()
+    return kind in ("bn", "noisy_bn", "lp") or kind in _LP_ALIASES
+
+
 def make_norm(kind: str, num_features: int, spatial: bool = False, *, eps: float = 1e-5,
               momentum: float = 0.1, gn_groups: int = 8, lp_p: float | str = 2.0,
               affine: bool = True) -> nn.Module:
