@@ -100,9 +100,9 @@ def _make_run(run_dir: Path, *, seed, lr, arms, diverge, hist, metrics, extra_me
                 if t % 4 == 0 or t == STEPS - 1:
                     mw.log(t, arm, {"test_loss": loss * 1.1, "test_acc": min(1.0, acc * 0.9 + 0.05 * seed)})
                 if extra_metrics and t % 3 == 0:
-                    for i in (1, 2):
-                        mw.log(t, arm, {"ics_l2": 1.0 / (t + i), "ics_cos": 0.9 - 0.01 * t, "ics_grad_norm": 2.0},
-                               layer=f"block{i}.linear")
+                    mw.log(t, arm, {"ics_l2": 0.0, "ics_cos": 1.0, "ics_grad_norm": 2.0}, layer="block1.linear")
+                    mw.log(t, arm, {"ics_l2": 1.0 / (t + 2), "ics_cos": 0.9 - 0.01 * t, "ics_grad_norm": 2.0},
+                           layer="block2.linear")  # the first layer's G' is G: l2 0, cos 1, as the probe gives
                     mw.log(t, arm, {"smooth_loss_min": loss * 0.9, "smooth_loss_max": loss * 1.3,
                                     "smooth_grad_change_min": 0.1, "smooth_grad_change_max": 0.5 + 0.01 * t,
                                     "smooth_beta": 3.0 + (arm == "none") * 2, "smooth_loss": loss})
@@ -367,6 +367,12 @@ def test_build_report_every_figure(sweep_dir, tmp_path, capsys):
         assert f"![{k}]({k}.png)" in summary and f"({k}.pdf)" in summary
     assert "Final test accuracy" in summary and "diverged at step" in summary and "| 15 |" in summary
     assert "Percentile spread of block2.pre_act unit 0" in summary
+    # gradient ICS: the first layer (G' = G, cos 1, l2 0) is left out of the means
+    ics = summary[summary.index("Gradient ICS"):]
+    cos, l2 = (float(v) for v in re.search(r"\| BN \| ([\d.]+) \| ([\d.]+) \|", ics).groups())
+    ts = np.arange(0, STEPS, 3)
+    assert cos == pytest.approx(0.9 - 0.01 * ts.mean(), abs=1e-3)
+    assert l2 == pytest.approx(np.mean(1.0 / (ts + 2)), abs=1e-3)
     s2 = (out / "lrsweep" / "summary.md").read_text()
     assert "![sweep](sweep.png)" in s2 and "optim.lr=0.05" in s2
     err = capsys.readouterr().err
