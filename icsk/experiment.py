@@ -187,6 +187,11 @@ def _stack(ds) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(xs), torch.as_tensor(ys)
 
 
+def config_schedule(value: Any) -> Schedule:
+    """A schedule from a config value: N, a list of steps or "log:K"."""
+    return Schedule.parse(list(value) if OmegaConf.is_list(value) else value)
+
+
 def build_recorder(rcfg: DictConfig, model: nn.Module, path: Path) -> Recorder | None:
     """The Recorder of one arm from ``cfg.recorder`` (None when disabled)."""
     if not rcfg.get("enabled", True):
@@ -195,9 +200,7 @@ def build_recorder(rcfg: DictConfig, model: nn.Module, path: Path) -> Recorder |
     hist_range = rcfg.get("hist_range", "auto")
     if hist_range != "auto" and hist_range is not None:
         hist_range = tuple(float(v) for v in hist_range)
-    sched = rcfg.get("schedule", 1)
-    if OmegaConf.is_list(sched):
-        sched = list(sched)
+    sched = config_schedule(rcfg.get("schedule", 1))
     return Recorder(
         model, layers=layers, capture=str(rcfg.get("capture", "output")), stats=list(rcfg.stats),
         quantiles=[float(q) for q in rcfg.get("quantiles", (0.15, 0.5, 0.85))], hist_bins=int(rcfg.get("hist_bins", 32)),
@@ -220,7 +223,7 @@ def build_probes(mcfg: DictConfig | None, model_layers: list[str], probe_loss, l
             df = M.gradient_ics(arm.model, probe_loss, batch, arm.optimizer, layers)
             return [({"ics_l2": r.l2, "ics_cos": r.cos, "ics_grad_norm": r.grad_norm}, r.layer) for r in df.itertuples()]
 
-        probes.append(Probe("ics", Schedule.parse(ics.get("schedule", 100)), ics_fn))
+        probes.append(Probe("ics", config_schedule(ics.get("schedule", 100)), ics_fn))
     sm = mcfg.get("smoothness")
     if sm is not None and sm.get("enabled", False):
         scales = tuple(float(s) for s in sm.scales) if sm.get("scales") else None
@@ -231,7 +234,7 @@ def build_probes(mcfg: DictConfig | None, model_layers: list[str], probe_loss, l
             res = M.loss_smoothness(arm.model, probe_loss, batch, cur_lr, grad=grads, loss=loss, **kw)
             return [({f"smooth_{k}": float(v) for k, v in res.items() if np.isscalar(v)}, "")]
 
-        probes.append(Probe("smoothness", Schedule.parse(sm.get("schedule", 100)), smooth_fn, uses_step_grad=True))
+        probes.append(Probe("smoothness", config_schedule(sm.get("schedule", 100)), smooth_fn, uses_step_grad=True))
     gap = mcfg.get("bn_gap")
     if gap is not None and gap.get("enabled", False):
 
@@ -242,7 +245,7 @@ def build_probes(mcfg: DictConfig | None, model_layers: list[str], probe_loss, l
             return [({"bngap_mean_shift": r.mean_shift, "bngap_var_ratio": r.var_ratio, "bngap_w2": r.w2}, r.layer)
                     for r in df.itertuples()]
 
-        probes.append(Probe("bn_gap", Schedule.parse(gap.get("schedule", 100)), gap_fn))
+        probes.append(Probe("bn_gap", config_schedule(gap.get("schedule", 100)), gap_fn))
     return probes
 
 
@@ -370,8 +373,12 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     eval_bs = int(cfg.train.get("eval_batch_size", 1000))
     progress = tqdm(total=steps, desc=f"{info['name']} [{','.join(models)}]", unit="step", mininterval=1.0,
                     disable=not bool(cfg.train.get("progress", True)), dynamic_ncols=True)
+    probe_at = cfg.recorder.get("probe_schedule") if cfg.recorder.get("enabled", True) else None
+    probe_at = None if probe_at is None else config_schedule(probe_at)
     trainer = Trainer(
         arms, stream, criterion, run_dir=run_dir, steps=steps, device=device,
+        probe_batch=None if probe_at is None else probe_batch(bundle.train, cfg.data.get("probe_size"), int(cfg.seed)),
+        probe_schedule=probe_at,
         evaluate=make_evaluator(bundle, criterion, device, eval_bs), eval_every=int(cfg.train.eval_every),
         log_every=int(cfg.train.log_every), checkpoint_every=int(cfg.train.get("checkpoint_every", 0)),
         probes=probes, accuracy=bundle.task == "classification", on_log=logger.log, progress=progress,

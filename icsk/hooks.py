@@ -35,7 +35,8 @@ from .store import (ChunkWriter, hist_edges_of, last_recorded_step, names_matchi
                     read_stats, values_column, write_json_atomic)
 
 LayerSelector = str | type | Callable[[str, nn.Module], bool]
-MODES = ("train", "eval")
+MODES = ("train", "eval")  # recorded by the module's training flag; "probe" inside Recorder.probe()
+PROBE = "probe"
 
 
 class RecorderError(ValueError):
@@ -208,6 +209,7 @@ class Recorder:
         schedule: steps to record: int N (every N), list of steps, ``"log:K"``, or a Schedule.
         modes: ``("train",)`` records training-mode forwards only; add ``"eval"`` to also record
             eval-mode forwards, tagged ``mode="eval"`` (never mixed with training statistics).
+            Forwards inside :meth:`probe` are tagged ``mode="probe"`` (a fixed probe batch).
         channel_dim: axis of units (1 for (N, C, ...) tensors; -1 for channels-last / tokens).
         select: how to pick the tensor from a non-tensor output: an index, a dict key, or a function.
         path: folder to stream statistics to (``<path>/stats``); default a temporary folder
@@ -292,6 +294,7 @@ class Recorder:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._entered = False
         self._paused = 0
+        self._forced_mode: str | None = None  # "probe" inside probe(): forwards tagged so, whatever the flag
         self._pending_steps = 0
         self._saved_meta: dict | None = None  # recorder.json as last written (rewritten only on change)
         self._path_checked = False  # whether path was checked for steps recorded before (first capture)
@@ -330,14 +333,17 @@ class Recorder:
     def _sync_hooks(self) -> None:
         want = self._entered and self.schedule(self.current_step)
         if want and not self._handles:
-            for name, mod in self.layers.items():
-                if self.capture == "output":
-                    h = mod.register_forward_hook(self._make_output_hook(name))
-                else:
-                    h = mod.register_forward_pre_hook(self._make_input_hook(name))
-                self._handles.append(h)
+            self._attach_hooks()
         elif not want and self._handles:
             self.remove()
+
+    def _attach_hooks(self) -> None:
+        for name, mod in self.layers.items():
+            if self.capture == "output":
+                h = mod.register_forward_hook(self._make_output_hook(name))
+            else:
+                h = mod.register_forward_pre_hook(self._make_input_hook(name))
+            self._handles.append(h)
 
     def _make_output_hook(self, name: str):
         def hook(module, args, output):
@@ -352,6 +358,27 @@ class Recorder:
                     raise RecorderError(f"layer {name!r} was called without positional input; use capture='output'")
                 self._capture(name, module, args[0])
         return hook
+
+    @contextmanager
+    def probe(self) -> Iterator[None]:
+        """Forwards inside this block are recorded as ``mode="probe"`` at the current step, also on
+        steps the schedule skips: for a fixed probe batch, whose statistics then change only
+        because the weights do (training batches add their sampling noise to every difference)."""
+        if not self._entered:
+            raise RecorderError("probe() records through the Recorder's hooks: enter it first (with rec: ...)")
+        if self._forced_mode is not None or self._paused:
+            raise RecorderError("probe() cannot be nested or used while the Recorder is paused")
+        self._forced_mode = PROBE
+        attached = bool(self._handles)
+        if not attached:
+            self._attach_hooks()
+        try:
+            yield
+        finally:
+            self._forced_mode = None
+            if not attached:  # a step the schedule skips: step() will not count it
+                self.remove()
+                self._count_pending()
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -386,10 +413,10 @@ class Recorder:
         return value
 
     def _capture(self, name: str, module: nn.Module, value: Any) -> None:
-        state = self._states.get((name, "train" if module.training else "eval"))
+        mode = self._forced_mode or ("train" if module.training else "eval")
+        state = self._states.get((name, mode))
         if state is None:  # first forward in this mode: recorded at all?
-            mode = "train" if module.training else "eval"
-            if mode not in self.modes:
+            if mode not in self.modes and mode != PROBE:
                 return
             state = self._states[(name, mode)] = _LayerState(name, mode)
         step = self.current_step
@@ -443,7 +470,7 @@ class Recorder:
         self.restore_edges({(layer, mode): (edges[0], edges[-1])
                             for layer, info in self._prior_layers.items() if layer in self.layers
                             # a folder from before per-mode ranges holds its single range as training mode's
-                            for mode in (self.modes if "hist_edges_by_mode" in info else ("train",))
+                            for mode in info.get("hist_edges_by_mode", ("train",))
                             if (layer, mode) not in known and (edges := hist_edges_of(info, mode)) is not None})
 
     def _units_at_1(self, x: torch.Tensor) -> torch.Tensor:
@@ -517,7 +544,7 @@ class Recorder:
     def restore_edges(self, edges: dict[tuple[str, str], tuple[float, float]]) -> None:
         """Reuse histogram ranges of an earlier session (resume), so bins stay comparable."""
         for (layer, mode), e in edges.items():
-            if mode not in self.modes:  # a state exists only for a recorded mode (see _capture)
+            if mode not in self.modes and mode != PROBE:  # a state exists only for a recorded mode (see _capture)
                 continue
             state = self._states.setdefault((layer, mode), _LayerState(layer, mode))
             state.edges = (float(e[0]), float(e[1]))
@@ -553,11 +580,16 @@ class Recorder:
     def step(self) -> None:
         """Mark one training step done; hooks appear only on steps the schedule selects."""
         if self.schedule(self.current_step):
-            self._pending_steps += 1
-            if self._pending_steps >= self.flush_every or self._pending_steps * self._step_bytes >= self.flush_bytes:
-                self._flush()
+            self._count_pending()
         self.current_step += 1
         self._sync_hooks()
+
+    def _count_pending(self) -> None:
+        """One more step with results waiting; a chunk is written every ``flush_every`` of them
+        or once they hold ``flush_mb``."""
+        self._pending_steps += 1
+        if self._pending_steps >= self.flush_every or self._pending_steps * self._step_bytes >= self.flush_bytes:
+            self._flush()
 
     def flush(self, wait: bool = False) -> None:
         """Reduce staged activations and write every pending result as one parquet chunk
@@ -619,7 +651,7 @@ class Recorder:
         """Long frame ``step, layer, stat, unit, value`` of everything recorded so far.
 
         Filters: ``layers``/``stats`` lists, ``steps`` a list or a ``(start, stop)`` range,
-        ``mode`` 'train', 'eval' or None (both, with a ``mode`` column). ``unit`` is -1 for
+        ``mode`` 'train', 'eval', 'probe' or None (all, with a ``mode`` column). ``unit`` is -1 for
         statistics of a whole layer (``count``: values per unit at that step). Histograms are
         read with :meth:`histograms`."""
         self.flush(wait=True)

@@ -284,8 +284,8 @@ def resolve_selection(metas: Sequence[dict], layers=None, stats=None, steps=None
     A single name or step may stand for a list; layer globs (``"block*"``) expand to the
     recorded layers; ``"quantiles"`` expands to the recorded ``q...`` statistics. A name that
     matches nothing recorded raises ValueError listing what was (``strict=False`` drops it)."""
-    if mode is not None and mode not in ("train", "eval"):
-        raise ValueError(f"mode must be 'train', 'eval' or None (both), got {mode!r}")
+    if mode is not None and mode not in ("train", "eval", "probe"):
+        raise ValueError(f"mode must be 'train', 'eval', 'probe' or None (all), got {mode!r}")
     if isinstance(steps, (int, np.integer)):
         steps = [int(steps)]
     known_layers = list(dict.fromkeys(name for m in metas for name in (m.get("layers") or {})))

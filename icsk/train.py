@@ -150,6 +150,8 @@ class Trainer:
         on_log: Callable[[int, str, dict[str, float]], None] | None = None,
         progress: Any = None,
         stop_on_divergence: bool = True,
+        probe_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
+        probe_schedule: Schedule | None = None,
     ):
         self.arms = arms
         self.stream = stream
@@ -166,6 +168,10 @@ class Trainer:
         self.on_log = on_log
         self.progress = progress
         self.stop_on_divergence = stop_on_divergence
+        if (probe_batch is None) != (probe_schedule is None):
+            raise ValueError("probe_batch and probe_schedule go together")
+        self.probe_batch = None if probe_batch is None else tuple(t.to(device) for t in probe_batch)
+        self.probe_schedule = probe_schedule
         self.metrics = MetricsWriter(self.run_dir)
         self.checkpointer = Checkpointer(self.run_dir)
         self.step = 0
@@ -275,6 +281,8 @@ class Trainer:
         for a in self.arms:
             if not a.active:
                 continue
+            if self.probe_schedule is not None and a.recorder is not None and self.probe_schedule(self.step):
+                self._record_probe_batch(a)
             due = [p for p in self.probes if p.schedule(self.step)]
             for probe in due:
                 if not probe.uses_step_grad:
@@ -311,6 +319,22 @@ class Trainer:
             a.last_step = self.step
         if (self.step + 1) % self.log_every == 0:
             self._log_losses()
+
+    def _record_probe_batch(self, arm: Arm) -> None:
+        """The fixed probe batch through the arm at w_t in training mode, recorded as
+        ``mode="probe"``; normalizer buffers (BN running statistics) and the RNG are put back, so
+        training goes on exactly as without it."""
+        buffers = [b.detach().clone() for b in arm.model.buffers()]
+        rng = RngSnapshot()
+        try:
+            with torch.no_grad(), arm.recorder.probe():
+                arm.model.train()
+                arm.model(self.probe_batch[0])
+        finally:
+            rng.restore()
+            with torch.no_grad():
+                for b, saved in zip(arm.model.buffers(), buffers, strict=True):
+                    b.copy_(saved)
 
     def _run_probe(self, probe: Probe, arm: Arm, batch, **kw) -> None:
         with arm.paused():

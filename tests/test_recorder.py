@@ -383,6 +383,48 @@ def test_layer_selection_and_errors():
         icsk.Recorder(model, layers=["head"], stats=["mean", "kurtosis"])
 
 
+def test_probe_forwards_are_tagged_and_recorded_on_unscheduled_steps_too():
+    """Inside rec.probe() a forward is recorded as mode 'probe' at the current step, even on a step
+    the schedule skips (hooks come and go with it); training-mode rows are not touched; quantiles
+    and histograms of the probe batch match NumPy; misuse is refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
+    probe, xs = torch.randn(50, 3), torch.randn(6, 8, 3)
+    with icsk.Recorder(model, layers=["0"], stats=["mean", "quantiles", "hist"], schedule=2, hist_range=(-2, 2),
+                       hist_bins=8, flush_every=2) as rec:
+        want, train_want = {}, {}
+        for t in range(6):
+            with rec.probe():
+                model(probe)
+            with rec.paused():
+                want[t] = model[0](probe).detach().double().numpy()
+                train_want[t] = model[0](xs[t]).detach().double().numpy()
+            assert rec.attached == (t % 2 == 0)  # the schedule's hooks only
+            model(xs[t])
+            with torch.no_grad():
+                model[0].weight.mul_(1.1)
+            rec.step()
+        with pytest.raises(icsk.RecorderError, match="nested"), rec.probe(), rec.probe():
+            pass
+        with pytest.raises(icsk.RecorderError, match="paused"), rec.paused(), rec.probe():
+            pass
+    tr = rec.to_frame()
+    assert sorted(tr.step.unique()) == [0, 2, 4]
+    for t in (0, 2, 4):
+        np.testing.assert_allclose(frame_values(tr, t, "0", "mean"), train_want[t].mean(0), rtol=1e-5, atol=1e-6)
+    pr = rec.to_frame(mode="probe")
+    assert sorted(pr.step.unique()) == list(range(6))
+    for t, a in want.items():
+        np.testing.assert_allclose(frame_values(pr, t, "0", "mean"), a.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(frame_values(pr, t, "0", "q0.85"), np.quantile(a, 0.85, axis=0), rtol=1e-5, atol=1e-6)
+        ref = reference(a.astype(np.float32), np.linspace(-2, 2, 9))["hist"]
+        h = rec.histograms(mode="probe")
+        got = h[h.step == t].pivot(index="unit", columns="bin", values="count").to_numpy()
+        np.testing.assert_array_equal(got, ref)
+    with pytest.raises(icsk.RecorderError, match="enter it first"), rec.probe():
+        pass
+
+
 def test_a_model_without_submodules_is_recorded_through_the_wrapper_the_error_names():
     lin = nn.Linear(3, 2)
     with pytest.raises(icsk.RecorderError, match=r"no submodules.*nn\.Sequential\(model\), layers=\['0'\]"):
@@ -495,7 +537,7 @@ def test_read_filters_take_single_names_globs_and_quantiles_and_reject_what_was_
             read(stats="median")
         with pytest.raises(ValueError, match=r"histograms\(\)"):
             read(stats=["hist"])
-        with pytest.raises(ValueError, match="mode must be 'train', 'eval' or None"):
+        with pytest.raises(ValueError, match="mode must be 'train', 'eval', 'probe' or None"):
             read(mode="test")
     assert set(rec.histograms(layers="head*").layer) == {"head"}
     assert load_run(tmp_path, layers=["blok1", "head"], strict=False).layer.unique().tolist() == ["head"]

@@ -155,7 +155,8 @@ def test_resume_clears_the_earlier_attempts_error(tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
-    common = ["train.steps=60", "train.checkpoint_every=20", "train.eval_every=10", "model.arms=[bn,noisy_bn]"]
+    common = ["train.steps=60", "train.checkpoint_every=20", "train.eval_every=10", "model.arms=[bn,noisy_bn]",
+              "recorder.probe_schedule=7", "data.probe_size=50"]
     full = cli(tmp_path / "full", *common)
     assert full.returncode == 0, full.stdout + full.stderr
     assert json.loads((tmp_path / "full" / "run.json").read_text())["overrides"] == [*BASE, *common]
@@ -168,6 +169,10 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     for fa, fb in zip(frames(tmp_path / "full"), frames(tmp_path / "cut"), strict=True):
         pd.testing.assert_frame_equal(fa, fb, check_exact=True)
+    probe = [icsk.load_run(tmp_path / d, mode="probe").sort_values(["arm", "step", "layer", "stat", "unit"])
+             .reset_index(drop=True) for d in ("full", "cut")]
+    pd.testing.assert_frame_equal(*probe, check_exact=True)
+    assert sorted(probe[0].step.unique()) == list(range(0, 60, 7))
     steps = icsk.load_run(tmp_path / "cut", stats=["mean"], layers=["block1.pre_act"])
     counts = steps.groupby(["arm", "step"], observed=True).size()
     assert (counts == 100).all() and len(counts) == 120  # no duplicate, no gap

@@ -105,3 +105,57 @@ def test_online_probes_do_not_change_training(tmp_path):
     keep = ["loss", "test_acc"]
     pd.testing.assert_frame_equal(
         plain_m[plain_m.metric.isin(keep)].reset_index(drop=True), m[m.metric.isin(keep)].reset_index(drop=True))
+
+
+def test_fixed_probe_batch_is_recorded_without_changing_training(tmp_path):
+    """recorder.probe_schedule=5: the probe batch (data.probe_size training examples) goes through
+    every arm at steps 0, 5, 10 as mode 'probe', in training mode, and BN running statistics,
+    noisy BN's noise and the batches are as without it (the training rows stay bit-identical)."""
+    import pandas as pd
+
+    from icsk.data import probe_batch
+    from icsk.experiment import build_arms_models, load_data
+
+    arms = "model.arms=[bn,noisy_bn,none]"
+    tiny(tmp_path / "plain", arms, steps=12)
+    tiny(tmp_path / "probed", arms, "recorder.probe_schedule=5", "data.probe_size=200", steps=12)
+    a, b = icsk.load_run(tmp_path / "plain"), icsk.load_run(tmp_path / "probed")
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
+    m = [icsk.load_run(tmp_path / d, table="metrics") for d in ("plain", "probed")]
+    pd.testing.assert_frame_equal(m[0], m[1], check_exact=True)
+    pr = icsk.load_run(tmp_path / "probed", mode="probe", stats=["mean", "count"], layers="block2.pre_act")
+    assert sorted(pr.step.unique()) == [0, 5, 10] and set(pr.arm) == {"bn", "noisy_bn", "none"}
+    assert (pr[pr.stat == "count"].value == 200).all()
+    cfg = compose(["experiment=demo"])
+    bundle = load_data(cfg)
+    x, _ = probe_batch(bundle.train, 200, seed=0)
+    for arm, model in build_arms_models(cfg, bundle).items():
+        if arm == "noisy_bn":
+            continue  # its noise draws depend on the RNG state at step 0 of the run
+        model.train()
+        acts = {}
+        h = model.block2.pre_act.register_forward_hook(lambda mod, i, o: acts.update(a=o.detach().double()))
+        model(x)
+        h.remove()
+        got = pr[(pr.arm == arm) & (pr.step == 0) & (pr.stat == "mean")].sort_values("unit").value
+        np.testing.assert_allclose(got.to_numpy(), acts["a"].mean(0).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_report_draws_the_probe_batch_with_mode_probe(tmp_path, capsys):
+    """icsk-report --mode probe reads the probe rows (every 3rd step here), the default the
+    training rows (every step); runs without probe rows get a skip message, not a crash."""
+    from icsk.report import build_report, collect_runs
+    from icsk.report.cli import main
+
+    tiny(tmp_path / "run", "recorder.probe_schedule=3", "data.probe_size=100", steps=12)
+    runs = collect_runs([tmp_path / "run"])
+    assert sorted(runs.in_mode("probe").stats(stats=["mean"]).step.unique()) == [0, 3, 6, 9]
+    assert sorted(runs.stats(stats=["mean"]).step.unique()) == list(range(12))
+    rep = build_report([tmp_path / "run"], out=tmp_path / "rep", figures=["ioffe", "drift_curves"], mode="probe",
+                       formats=["png"], log=lambda m: None)
+    assert [b.kind for b in rep.figures] == ["ioffe", "drift_curves"] and not rep.failed
+    assert "fixed probe batch (mode=probe)" in rep.summary.read_text()
+    tiny(tmp_path / "plain", steps=4)
+    code = main([str(tmp_path / "plain"), "--out", str(tmp_path / "rep2"), "--figures", "ioffe", "--mode", "probe",
+                 "--formats", "png", "--quiet"])
+    assert code == 2 and "no run has probe rows" in capsys.readouterr().err

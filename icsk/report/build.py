@@ -100,13 +100,15 @@ def build_report(
     formats: Iterable[str] = DEFAULT_FORMATS,
     where: dict[str, str] | None = None,
     arms: Sequence[str] | None = None,
+    mode: str = "train",
     max_groups: int = 8,
     wandb_query: WandbQuery | None = None,
     log: Callable[[str], None] = _stderr,
     debug: bool = False,
 ) -> Report:
     """Turn run/sweep folders or ``wandb:ENTITY/PROJECT`` inputs into ``<out>/<name>/`` figures and
-    ``summary.md`` (``wandb_query`` selects a project's runs, see :mod:`.wandb_source`).
+    ``summary.md`` (``wandb_query`` selects a project's runs, see :mod:`.wandb_source`). ``mode``
+    picks the Recorder rows of the activation figures: 'train', 'probe' (the fixed probe batch) or 'eval'.
 
     ``figures=None`` builds every kind whose data exists; kinds whose data is missing are
     skipped with a message (via ``log``) naming what is missing. Runs differing in a config key
@@ -137,6 +139,12 @@ def build_report(
                               f"{', '.join(sources)}")
     if arms:
         runs = runs.only_arms(list(arms))
+    runs = runs.in_mode(mode)
+    if mode != "train" and runs.stats(stats=["count"]).empty:
+        how = {"probe": "record a fixed probe batch with recorder.probe_schedule=N (and data.probe_size), or "
+                        "Recorder.probe() around its forward",
+               "eval": "record eval-mode forwards with Recorder(..., modes=('train', 'eval'))"}[mode]
+        raise NoRunsError(f"--mode {mode}: no run has {mode} rows in its statistics; {how}")
     name = name or runs.name or (Path(sources[0]).name if sources else "report")
     out_dir = Path(out) / slug(name)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -100,6 +100,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                    help="keep runs whose config KEY equals VALUE (repeatable), e.g. optim.lr=0.1")
     p.add_argument("--arms", type=_csv, default=None, help="comma-separated arms to draw (default all)")
+    p.add_argument("--mode", default="train", choices=["train", "probe", "eval"],
+                   help="which Recorder rows the activation figures use: train (training batches, default), "
+                        "probe (the fixed probe batch of recorder.probe_schedule: drift without batch noise) "
+                        "or eval")
     w = p.add_argument_group("wandb inputs (PATH wandb:ENTITY/PROJECT)")
     w.add_argument("--wandb-group", default=None, metavar="GROUP",
                    help="only runs of this wandb group (a sweep's group is <name>-<sweep folder name>)")
@@ -150,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = build_report(args.paths, out=args.out, name=args.name, figures=figures, layer=args.layer,
                               unit=args.unit, measure=args.measure, ref=ref, paper=args.paper, formats=args.formats,
-                              where=where, arms=args.arms, wandb_query=query, log=log, debug=args.debug)
+                              where=where, arms=args.arms, mode=args.mode, wandb_query=query, log=log, debug=args.debug)
     except NoRunsError as e:
         print(f"icsk-report: error: {e}", file=sys.stderr)
         return 2

@@ -283,7 +283,7 @@ def drift_frame(runs: RunSet, measure: str = "w2", ref: str | int = "previous") 
     for r in runs:
         parts = []
         for layer in layers:  # one layer at a time keeps memory bounded on big networks
-            st = r.stats(layers=[layer], stats=need)
+            st = r.stats(layers=[layer], stats=need, mode=runs.mode)
             if st.empty:
                 continue
             try:

@@ -154,13 +154,14 @@ class Run:
                 df[c] = df[c].astype(str)
         return df
 
-    def stats(self, layers: Sequence[str] | None = None, stats: Sequence[str] | None = None) -> pd.DataFrame:
-        """Recorder statistics ``arm, step, layer, stat, unit, value`` (train mode)."""
-        return self._table("stats", layers=layers, stats=stats)
+    def stats(self, layers: Sequence[str] | None = None, stats: Sequence[str] | None = None,
+              mode: str = "train") -> pd.DataFrame:
+        """Recorder statistics ``arm, step, layer, stat, unit, value`` of ``mode``'s forwards."""
+        return self._table("stats", layers=layers, stats=stats, mode=mode)
 
-    def hist(self, layers: Sequence[str] | None = None) -> pd.DataFrame:
-        """Histograms ``arm, step, layer, unit, bin, left, right, count`` (train mode)."""
-        return self._table("hist", layers=layers)
+    def hist(self, layers: Sequence[str] | None = None, mode: str = "train") -> pd.DataFrame:
+        """Histograms ``arm, step, layer, unit, bin, left, right, count`` of ``mode``'s forwards."""
+        return self._table("hist", layers=layers, mode=mode)
 
     def arm_state(self, arm: str) -> dict[str, Any]:
         """Status of an arm: ``status``, ``diverged_step``, ``last_step`` (from run.json, else from
@@ -228,10 +229,17 @@ def _fmt(v: Any) -> str:
 class RunSet:
     """Several runs read together; tables carry ``run``, ``seed`` and the swept config keys."""
 
-    def __init__(self, runs: Iterable[Run], label: str = "", arms: Sequence[str] | None = None):
+    def __init__(self, runs: Iterable[Run], label: str = "", arms: Sequence[str] | None = None, mode: str = "train"):
+        """``mode``: which Recorder rows the statistics tables read: 'train' (training batches),
+        'probe' (the fixed probe batch, ``recorder.probe_schedule``) or 'eval'."""
         self.runs: list[Run] = list(runs)
         self.label = label
         self.arm_filter: list[str] | None = list(arms) if arms is not None else None
+        self.mode = mode
+
+    def _subset(self, runs: Iterable[Run], label: str | None = None, arms: Sequence[str] | None = ()) -> RunSet:
+        """Another RunSet with this one's label, arm filter and mode unless given."""
+        return RunSet(runs, self.label if label is None else label, self.arm_filter if arms == () else arms, self.mode)
 
     def __len__(self) -> int:
         return len(self.runs)
@@ -282,7 +290,7 @@ class RunSet:
         a single group when only seeds differ."""
         keys = self.varying_keys()
         if not keys:
-            return [RunSet(self.runs, self.label, self.arm_filter)]
+            return [self._subset(self.runs)]
         buckets: dict[tuple, list[Run]] = {}
         for r in self.runs:
             buckets.setdefault(tuple(_fmt(r.config.get(k)) for k in keys), []).append(r)
@@ -299,7 +307,7 @@ class RunSet:
         out = []
         for vals, runs in sorted(buckets.items(), key=order):
             label = ",".join(f"{k}={v}" for k, v in zip(keys, vals, strict=True))
-            out.append(RunSet(runs, label, self.arm_filter))
+            out.append(self._subset(runs, label))
         return out
 
     def where(self, conditions: dict[str, str]) -> RunSet:
@@ -317,11 +325,17 @@ class RunSet:
                 return False
 
         keep = [r for r in self.runs if all(match(r, k, v) for k, v in conditions.items())]
-        return RunSet(keep, self.label, self.arm_filter)
+        return self._subset(keep)
+
+    def in_mode(self, mode: str) -> RunSet:
+        """Same runs, statistics read from ``mode``'s Recorder rows ('train', 'probe' or 'eval')."""
+        if mode not in ("train", "probe", "eval"):
+            raise ValueError(f"mode must be 'train', 'probe' or 'eval', got {mode!r}")
+        return RunSet(self.runs, self.label, self.arm_filter, mode)
 
     def only_arms(self, arms: Sequence[str]) -> RunSet:
         """Same runs, every table restricted to ``arms``."""
-        return RunSet(self.runs, self.label, arms)
+        return self._subset(self.runs, arms=arms)
 
     @property
     def name(self) -> str | None:
@@ -364,11 +378,11 @@ class RunSet:
 
     def stats(self, layers: Sequence[str] | None = None, stats: Sequence[str] | None = None) -> pd.DataFrame:
         """Recorder statistics of every run."""
-        return self.attach([(r, r.stats(layers, stats)) for r in self.runs])
+        return self.attach([(r, r.stats(layers, stats, self.mode)) for r in self.runs])
 
     def hist(self, layers: Sequence[str] | None = None) -> pd.DataFrame:
         """Histograms of every run."""
-        return self.attach([(r, r.hist(layers)) for r in self.runs])
+        return self.attach([(r, r.hist(layers, self.mode)) for r in self.runs])
 
     def recorded(self) -> dict[str, set[str]]:
         """Layer -> statistic names recorded in any run/arm (from recorder.json; cheap)."""

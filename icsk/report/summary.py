@@ -88,6 +88,10 @@ def summary_markdown(name: str, runs: RunSet, built: list[BuiltFigure], skipped:
                  + (f"; swept: {', '.join(keys)}" if keys else "") + ".")
     status = pd.Series([str(r.info.get("status", "unknown")) for r in runs]).value_counts()
     lines.append("Run status: " + ", ".join(f"{n} {s}" for s, n in status.items()) + ".")
+    if runs.mode != "train":
+        lines.append({"probe": "Activation statistics are those of the fixed probe batch (mode=probe): they "
+                               "change only because the weights do.",
+                      "eval": "Activation statistics are those of eval-mode forwards (mode=eval)."}[runs.mode])
     lines.append("")
     lines.append("Curves are means over seeds; bands are a 95% t-interval of the mean with 3 or more seeds, "
                  "± one standard deviation with 2, none with 1.")
