@@ -363,7 +363,7 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
 
     probes = build_probes(cfg.get("metrics"), first.weight_layer_names(), probe_loss, float(cfg.optim.lr))
     container = OmegaConf.to_container(cfg, resolve=True)
-    logger = make_logger(cfg.get("logger"), run_dir, container)
+    logger = make_logger(cfg.get("logger"), run_dir, container, resume_id=prior.get("wandb_run") if resume else None)
     info = prior
     info.pop("error", None)  # an earlier attempt's failure is not this one's
     info.setdefault("overrides", None if overrides is None else [str(o) for o in overrides])

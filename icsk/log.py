@@ -121,7 +121,8 @@ class WandbLogger(NullLogger):
 
     def __init__(self, run_dir: Path, config: dict[str, Any], *, mode: str = "offline", project: str = "icsk",
                  entity: str | None = None, group: str | None = None, job_type: str | None = None,
-                 tags: Sequence[str] | None = None, name: str | None = None, init_timeout: float = 60.0):
+                 tags: Sequence[str] | None = None, name: str | None = None, init_timeout: float = 60.0,
+                 resume_id: str | None = None):
         mode = normalize_mode(mode)
         import wandb
 
@@ -138,6 +139,7 @@ class WandbLogger(NullLogger):
         self.run = wandb.init(
             dir=str(run_dir), mode=mode, project=project, entity=entity, group=group, job_type=job_type,
             tags=list(tags or []), name=name, config=config, settings=settings, reinit="finish_previous",
+            **({"id": resume_id, "resume": "allow"} if resume_id else {}),
         )
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")
@@ -204,11 +206,13 @@ class WandbLogger(NullLogger):
             run.finish(exit_code=exit_code)
 
 
-def make_logger(cfg: Any, run_dir: Path, config: dict[str, Any]) -> NullLogger:
+def make_logger(cfg: Any, run_dir: Path, config: dict[str, Any], resume_id: str | None = None) -> NullLogger:
     """Logger from the ``logger`` config group (``name: wandb|none``).
 
     ``mode=disabled`` (or ``logger=none``) logs nothing and writes nothing. In a Hydra multirun
-    the sweep shapes group, tags and name (see :func:`run_identity`)."""
+    the sweep shapes group, tags and name (see :func:`run_identity`). ``resume_id``: the wandb
+    run of an earlier attempt of this run, continued instead of starting another one (it then
+    holds the steps between the checkpoint and the interruption twice; readers keep the last)."""
     name = str(cfg.get("name", "none")) if cfg is not None else "none"
     if name == "none":
         return NullLogger()
@@ -225,5 +229,5 @@ def make_logger(cfg: Any, run_dir: Path, config: dict[str, Any]) -> NullLogger:
     return WandbLogger(
         run_dir, config, mode=mode, project=str(cfg.get("project", "icsk")), entity=cfg.get("entity"),
         group=ident["group"], job_type=ident["job_type"], tags=ident["tags"], name=ident["name"],
-        init_timeout=float(cfg.get("init_timeout", 60)),
+        init_timeout=float(cfg.get("init_timeout", 60)), resume_id=resume_id,
     )

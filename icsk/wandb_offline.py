@@ -158,7 +158,10 @@ def read_offline_run(path: str | Path, *, strict: bool = False, wait: float = 0.
     """An offline wandb run read from disk.
 
     ``path`` is a ``run-*.wandb`` file, its ``offline-run-*`` folder, a ``wandb/`` folder or a run
-    folder holding exactly one wandb run (more than one: pass the file). Returns a dict with
+    folder holding one wandb run (several: pass the file). The attempts of a resumed run (one
+    run id in several ``offline-run-*`` folders) are read as one run: their history rows in order
+    (a step logged by two attempts appears twice; the later one is the resumed run's), the last
+    attempt's exit code, and ``attempts`` (their files). Returns a dict with
     ``run_id``, ``project``, ``group``, ``job_type``, ``tags``, ``name``, ``config`` (plain values,
     wandb's own ``_wandb`` entry dropped), ``summary`` (final), ``history`` (pandas DataFrame,
     one row per wandb history row, sorted by ``_step``, columns = logged keys; a histogram or
@@ -180,15 +183,30 @@ def read_offline_run(path: str | Path, *, strict: bool = False, wait: float = 0.
 
 def _read_run(path: str | Path, *, strict: bool) -> dict[str, Any]:
     import pandas as pd
-    from wandb.proto import wandb_internal_pb2 as pb
 
     files = find_run_files(path)
     if not files:
         raise FileNotFoundError(f"no run-*.wandb file under {path}")
-    if len(files) > 1:
+    if len({f.name for f in files}) > 1:
         raise WandbFileError(f"{path} holds {len(files)} wandb runs ({', '.join(f.parent.name for f in files)}); "
                              "pass one of their .wandb files")
-    file = files[0]
+    # one run id in several folders: the attempts of a resumed run (oldest first), read as one run
+    parts = [_read_file(f, strict) for f in files]
+    out = parts[-1]
+    if len(parts) > 1:
+        rows = [row for p in parts for row in p["history_rows"]]
+        config = {k: v for p in parts for k, v in p["config"].items()}
+        summary = {k: v for p in parts for k, v in p["summary"].items()}
+        out.update(config=config, summary=summary, history=pd.DataFrame(rows), history_rows=rows,
+                   attempts=[p["path"] for p in parts])
+    return out
+
+
+def _read_file(file: Path, strict: bool) -> dict[str, Any]:
+    """One ``run-*.wandb`` file (one attempt of a run)."""
+    import pandas as pd
+    from wandb.proto import wandb_internal_pb2 as pb
+
     out: dict[str, Any] = {"path": str(file), "run_id": None, "project": None, "group": None, "job_type": None,
                            "tags": [], "name": None, "exit_code": None}
     config: dict[str, Any] = {}

@@ -219,6 +219,41 @@ def test_reader_handles_block_padding_and_fragments(tmp_path):
         list(iter_records(f))
 
 
+def test_resume_continues_the_wandb_run_and_readers_keep_the_resumed_values(tmp_path, monkeypatch):
+    """An interrupted run resumed from its checkpoint logs into the same wandb run id (not a second
+    run that reports would count as another seed); the reader reads both attempts as one run, and
+    the steps logged twice (after the checkpoint) keep the resumed attempt's values, as in the
+    run folder."""
+    from icsk import experiment
+    from icsk.experiment import run
+    from icsk.report.wandb_source import history_to_metrics
+    from icsk.store import read_metrics
+
+    cfg = ["train.checkpoint_every=6", "train.log_every=1", "logger.mode=offline", "model.arms=[bn,noisy_bn]"]
+    real_step = experiment.Trainer.train_step
+
+    def train_step(self, *a, **kw):
+        if self.step == 9:
+            raise KeyboardInterrupt("signal 15")
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(experiment.Trainer, "train_step", train_step)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_cfg(*cfg), tmp_path)
+    monkeypatch.setattr(experiment.Trainer, "train_step", real_step)
+    info = run(tiny_cfg(*cfg, "resume=true"), tmp_path)
+    wb = read_offline_run(tmp_path, wait=30)
+    assert len(wb["attempts"]) == 2 and wb["run_id"] == info["wandb_run"] and wb["exit_code"] == 0
+    got = history_to_metrics(wb["history_rows"])
+    got = got[got.metric == "loss"].sort_values(["arm", "step"]).reset_index(drop=True)
+    want = read_metrics(tmp_path)
+    want = want[(want.metric == "loss")].sort_values(["arm", "step"]).reset_index(drop=True)
+    assert got.step.tolist() == want.step.tolist() == [*range(12)] * 2
+    np.testing.assert_allclose(got.value, want.value, rtol=1e-6)
+    logged = [r["step"] for r in wb["history_rows"] if "noisy_bn/loss" in r]
+    assert sorted(logged) == sorted([*range(9), *range(6, 12)])  # steps 6-8 by both attempts
+
+
 def test_reader_refuses_ambiguous_folders(tmp_path):
     for rid in ("aaa", "bbb"):
         d = tmp_path / "wandb" / f"offline-run-20260101_000000-{rid}"

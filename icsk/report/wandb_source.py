@@ -102,7 +102,9 @@ def history_to_metrics(history: Iterable[Mapping[str, Any]] | pd.DataFrame) -> p
     :func:`icsk.wandb_offline.read_offline_run`). Keys ``<arm>/<metric>[/<layer>]`` are split
     with :func:`icsk.log.split_metric_key`; the row's ``step`` column is the training step (rows
     without one are skipped); histograms, images and text are skipped. A DataFrame cannot tell a
-    NaN cell from a key the row lacks, so its NaN cells are skipped; dict rows keep logged NaNs."""
+    NaN cell from a key the row lacks, so its NaN cells are skipped; dict rows keep logged NaNs.
+    A value logged twice for one step (a resumed run re-logs the steps after its checkpoint)
+    keeps the later one."""
     if isinstance(history, pd.DataFrame):
         history = ({k: v for k, v in row.items() if not (_number(v) and v != v)}
                    for row in history.to_dict("records"))
@@ -123,9 +125,11 @@ def history_to_metrics(history: Iterable[Mapping[str, Any]] | pd.DataFrame) -> p
             metrics.append(metric)
             layers.append(layer)
             values.append(float(v))
-    return pd.DataFrame({"step": np.asarray(steps, dtype=np.int64), "arm": pd.Series(arms, dtype=str),
-                         "metric": pd.Series(metrics, dtype=str), "layer": pd.Series(layers, dtype=str),
-                         "value": np.asarray(values, dtype=np.float64)})
+    df = pd.DataFrame({"step": np.asarray(steps, dtype=np.int64), "arm": pd.Series(arms, dtype=str),
+                       "metric": pd.Series(metrics, dtype=str), "layer": pd.Series(layers, dtype=str),
+                       "value": np.asarray(values, dtype=np.float64)})
+    # a resumed run logs the steps between its checkpoint and the interruption again: the last wins
+    return df.drop_duplicates(["step", "arm", "metric", "layer"], keep="last", ignore_index=True)
 
 
 def wandb_config(config: Mapping[str, Any]) -> dict[str, Any]:
