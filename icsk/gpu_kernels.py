@@ -17,7 +17,8 @@ Results are those of :func:`icsk.kernels.scan` (and the torch path): a unit with
 gets torch's plain-sum mean and a NaN variance, NaN gives NaN min/max, and histogram bins use
 the float32 operations of :meth:`icsk.stats.Reducer._histogram`, so every value lands in the
 same bin. :class:`icsk.stats.Reducer` uses it only with ``ICSK_TRITON=1`` (it has not been timed
-on a GPU yet). Importing this module imports Triton; with ``TRITON_INTERPRET=1`` set before
+on a GPU yet), and only for statistics besides mean and variance, which ``var_mean`` gives in one
+launch. Importing this module imports Triton; with ``TRITON_INTERPRET=1`` set before
 Triton is first imported, the kernels run in Triton's interpreter on CPU tensors, which is how
 the tests check them on machines without a GPU.
 """

@@ -95,6 +95,9 @@ class Reducer:
         self.fused = fused
         self._outputs = frozenset(spec.output_names())
         self._lane_quantiles = spec.quantiles if "quantiles" in spec.stats else ()
+        # the Triton kernel takes two launches: it pays when the torch path needs more than
+        # var_mean's one, that is for any statistic besides mean and var (quantiles aside)
+        self._triton_pays = any(s not in ("mean", "var", "quantiles") for s in spec.stats)
         self._scratch: dict[tuple, torch.Tensor] = {}
         self._offsets: dict[tuple, torch.Tensor] = {}
 
@@ -132,7 +135,7 @@ class Reducer:
         fused = on_cpu and x.is_contiguous() and x.shape[3] >= kernels.MIN_ROW
         if fused:
             out = self._scan_fused(x, edges)
-        elif self.fused and x.device.type == "cuda" and kernels.env_flag("ICSK_TRITON", False):
+        elif self.fused and x.device.type == "cuda" and self._triton_pays and kernels.env_flag("ICSK_TRITON", False):
             out = self._scan_triton(x, edges)
         else:
             out = self._scan_torch(x, edges)
