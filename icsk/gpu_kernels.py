@@ -25,6 +25,8 @@ the tests check them on machines without a GPU.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 import triton
@@ -201,15 +203,18 @@ def scan(x: torch.Tensor, *, min_max: bool, sat: float | None, zero_eps: float |
     part_h = torch.empty((units, n_split, NBP) if hist is not None else (1,), dtype=torch.int32, device=x.device)
     out = torch.empty((len(OUTPUTS), K, C), dtype=torch.float32, device=x.device)
     counts = torch.empty((K, C, B + 2) if hist is not None else (1,), dtype=torch.float32, device=x.device)
-    _partials[(units, n_split)](
-        x, part, part_h, N, C, S, *x.stride(), per, n_split, origin, scale,
-        _f32(sat if sat is not None else np.inf), _f32(zero_eps if zero_eps is not None else -1.0),
-        BN=BN, BS=BS, NB=B, NBP=NBP, MIN_MAX=min_max, SAT=sat is not None, ZERO=zero_eps is not None,
-        HIST=hist is not None)
-    _combine[(units,)](part, part_h, out, counts, units, n_split, NB=B, NBP=NBP, HIST=hist is not None)
+    # Triton launches on the thread's current device, which the reducer thread never set
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _partials[(units, n_split)](
+            x, part, part_h, N, C, S, *x.stride(), per, n_split, origin, scale,
+            _f32(sat if sat is not None else np.inf), _f32(zero_eps if zero_eps is not None else -1.0),
+            BN=BN, BS=BS, NB=B, NBP=NBP, MIN_MAX=min_max, SAT=sat is not None, ZERO=zero_eps is not None,
+            HIST=hist is not None)
+        _combine[(units,)](part, part_h, out, counts, units, n_split, NB=B, NBP=NBP, HIST=hist is not None)
     asked = {"min": min_max, "max": min_max, "frac_sat": sat is not None, "frac_zero": zero_eps is not None,
              "nonfinite": nonfinite}
     res = {name: out[i] for i, name in enumerate(OUTPUTS) if asked.get(name, True)}
     if hist is not None:
         res["hist"] = counts
     return res
+
