@@ -294,25 +294,46 @@ CLUSTER_INTERRUPTIONS = ("UncompletedJobError",)
 RESUME_MAY_CHANGE = ("resume", "device", "train.progress", "logger", "data.root", "data.download")
 
 
+def _hydra_quoted(value: str) -> str:
+    """``value`` as a quoted Hydra override value (folder names may hold '=', ',' or '[')."""
+    return "'" + value.replace("'", "\\'") + "'"  # Hydra unescapes only quotes (and backslashes before them)
+
+
+def _shell_word(word: str) -> str:
+    """``word`` quoted for a POSIX shell, readably: bare when safe, in double quotes when that
+    needs no escapes (a Hydra value in single quotes stays as it is), else shlex's quoting."""
+    if word and all(c.isalnum() or c in "-_./=:+,@%" for c in word):
+        return word
+    if not any(c in word for c in '"$`\\!'):
+        return f'"{word}"'
+    return shlex.quote(word)
+
+
 def _check_resume_config(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> None:
     """``resume=true`` continues a run with the settings it started with (its config.yaml): any
     other difference would mix two experiments in one folder, so it is refused with the command
-    that resumes it as started."""
+    that resumes it as started.
+
+    Compared are the keys both configs have: a key the run's config lacks is a setting added to
+    icsk since it started (it resumes with the default), and one only the run has was removed.
+    A key set by an override with an interpolation (``name=x_${now:%H%M}``) resolves anew on
+    every launch and is not compared."""
     saved_path = run_dir / "config.yaml"
     if not saved_path.exists():
         return
     saved = flatten(OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True))
     now = flatten(OmegaConf.to_container(cfg, resolve=True))
-    missing = object()
-    differ = sorted(k for k in saved.keys() | now.keys()
-                    if saved.get(k, missing) != now.get(k, missing)
+    moving = {o.split("=", 1)[0].lstrip("+~") for o in overrides or () if "${" in o.partition("=")[2]}
+    differ = sorted(k for k in saved.keys() & now.keys()
+                    if saved[k] != now[k] and k not in moving
                     and not any(k == m or k.startswith(m + ".") for m in RESUME_MAY_CHANGE))
     if not differ:
         return
-    shown = "; ".join(f"{k}: {saved.get(k, '(unset)')} in the run, {now.get(k, '(unset)')} now"
+    shown = "; ".join(f"{k}: {saved[k]} in the run, {now[k]} now"
                       for k in differ[:8]) + (f"; and {len(differ) - 8} more" if len(differ) > 8 else "")
     first = [o for o in overrides or () if not o.startswith(("resume=", "+resume="))]
-    how = (f"icsk-train {shlex.join([*first, 'resume=true', f'hydra.run.dir={run_dir}'])}" if overrides is not None
+    words = [*first, "resume=true", f"hydra.run.dir={_hydra_quoted(str(run_dir))}"]
+    how = (f"icsk-train {' '.join(_shell_word(w) for w in words)}" if overrides is not None
            else "the overrides of its first launch, plus resume=true")
     raise ConfigError(f"resume=true continues {run_dir} with the settings it started with, but {len(differ)} "
                       f"differ: {shown}. Resume it with: {how}. Only {', '.join(RESUME_MAY_CHANGE[1:])} may "
@@ -356,6 +377,12 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     if cfg.data.batch_size is not None and int(cfg.data.batch_size) < 2 and batch_norms:
         raise ConfigError(f"arms {batch_norms} normalize over the batch and cannot train with data.batch_size="
                           f"{cfg.data.batch_size}; use data.batch_size>=2 or drop those arms (model.arms=[none,ln])")
+    probe_at = cfg.recorder.get("probe_schedule") if cfg.recorder.get("enabled", True) else None
+    probe_at = None if probe_at is None else config_schedule(probe_at)
+    probe_size = cfg.data.get("probe_size")
+    if probe_at is not None and batch_norms and min(len(bundle.train), probe_size or len(bundle.train)) < 2:
+        raise ConfigError(f"arms {batch_norms} normalize over the batch, and the probe batch (recorder.probe_schedule) "
+                          f"runs in training mode: it needs data.probe_size>=2, got {probe_size}")
     stream = BatchStream(bundle.train, cfg.data.batch_size, seed=int(cfg.seed), device=device)
 
     def probe_loss(model: nn.Module, batch) -> torch.Tensor:
@@ -368,16 +395,16 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     info.pop("error", None)  # an earlier attempt's failure is not this one's
     info.setdefault("overrides", None if overrides is None else [str(o) for o in overrides])
     info.update({"name": str(cfg.get("name", "run")), "status": "running", "started": info.get("started", _now()),
-                 "device": str(device), "steps": steps, "arms": {}, "wandb_run": logger.run_id})
+                 "device": str(device), "steps": steps, "arms": {},
+                 # an attempt without wandb (logger=none) keeps the id for the next one that has it
+                 "wandb_run": logger.run_id or info.get("wandb_run")})
     write_json_atomic(status_path, info)
     eval_bs = int(cfg.train.get("eval_batch_size", 1000))
     progress = tqdm(total=steps, desc=f"{info['name']} [{','.join(models)}]", unit="step", mininterval=1.0,
                     disable=not bool(cfg.train.get("progress", True)), dynamic_ncols=True)
-    probe_at = cfg.recorder.get("probe_schedule") if cfg.recorder.get("enabled", True) else None
-    probe_at = None if probe_at is None else config_schedule(probe_at)
     trainer = Trainer(
         arms, stream, criterion, run_dir=run_dir, steps=steps, device=device,
-        probe_batch=None if probe_at is None else probe_batch(bundle.train, cfg.data.get("probe_size"), int(cfg.seed)),
+        probe_batch=None if probe_at is None else probe_batch(bundle.train, probe_size, int(cfg.seed)),
         probe_schedule=probe_at,
         evaluate=make_evaluator(bundle, criterion, device, eval_bs), eval_every=int(cfg.train.eval_every),
         log_every=int(cfg.train.log_every), checkpoint_every=int(cfg.train.get("checkpoint_every", 0)),

@@ -13,8 +13,9 @@ GPU"). :func:`scan` reads each value once, in two launches:
    min/max, saturated, near-zero, NaN and non-finite counts, and a ``tl.histogram`` of bin codes.
 2. ``_combine``: a program per unit merges its slices the same way and writes the results.
 
-Results are those of :func:`icsk.kernels.scan` (and the torch path): a unit with an inf or NaN
-gets torch's plain-sum mean and a NaN variance, NaN gives NaN min/max, and histogram bins use
+Results are those of :func:`icsk.kernels.scan` and the CPU torch path: a unit with an inf or NaN
+gets the plain sum's mean (inf for infinities of one sign, where the GPU torch path's
+``var_mean`` gives NaN) and a NaN variance, NaN gives NaN min/max, and histogram bins use
 the float32 operations of :meth:`icsk.stats.Reducer._histogram`, so every value lands in the
 same bin. :class:`icsk.stats.Reducer` uses it only with ``ICSK_TRITON=1`` (it has not been timed
 on a GPU yet), and only for statistics besides mean and variance, which ``var_mean`` gives in one

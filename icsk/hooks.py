@@ -363,7 +363,8 @@ class Recorder:
     def probe(self) -> Iterator[None]:
         """Forwards inside this block are recorded as ``mode="probe"`` at the current step, also on
         steps the schedule skips: for a fixed probe batch, whose statistics then change only
-        because the weights do (training batches add their sampling noise to every difference)."""
+        because the weights do, and by the noise stochastic layers draw (noisy BN, dropout);
+        training batches add their sampling noise to every difference."""
         if not self._entered:
             raise RecorderError("probe() records through the Recorder's hooks: enter it first (with rec: ...)")
         if self._forced_mode is not None or self._paused:

@@ -102,10 +102,26 @@ def test_triton_kernel_overflow_and_nan_give_what_torch_gives():
     np.testing.assert_array_equal(out["max"][0].numpy(), np.float32([big, np.inf, np.nan]))
 
 
+def test_triton_kernel_edges_of_masks_and_thresholds():
+    """All-negative units in partial tiles (masked lanes must not count as 0 in max, min or the
+    counts), values exactly at zero_eps and at the saturation threshold."""
+    x = -1.0 - torch.rand(2, 3, 2, 37, generator=torch.Generator().manual_seed(0))
+    x[0, 0, 0, :4] = torch.tensor([0.25, -0.25, 3.0, -3.0])
+    out = gpu_kernels.scan(x.to(DEVICE), min_max=True, sat=3.0, zero_eps=0.25, nonfinite=True, hist=None)
+    ref = x.permute(0, 2, 1, 3).reshape(2, 2, -1).double()
+    torch.testing.assert_close(out["max"].cpu().double(), ref.amax(-1), rtol=0, atol=0)
+    torch.testing.assert_close(out["min"].cpu().double(), ref.amin(-1), rtol=0, atol=0)
+    torch.testing.assert_close(out["frac_zero"].cpu().double(), (ref.abs() <= 0.25).double().mean(-1))
+    torch.testing.assert_close(out["frac_sat"].cpu().double(), (ref.abs() > 3.0).double().mean(-1))
+    assert out["frac_zero"][0, 0] > 0 and out["frac_sat"][0, 0] == 0  # |v| = eps counts, |v| = sat does not
+
+
 def test_triton_kernel_returns_only_what_was_asked():
     x = awkward(1, 4, 3, 8)
     out = run(x, StatSpec(stats=("var", "frac_zero")))
     assert set(out) == {"var", "frac_zero"}
+    got = gpu_kernels.scan(x.to(DEVICE), min_max=False, sat=None, zero_eps=0.1, nonfinite=False, hist=None)
+    assert set(got) == {"mean", "var", "frac_zero"}
     with pytest.raises(ValueError, match="float32"):
         gpu_kernels.scan(x.double(), min_max=False, sat=None, zero_eps=None, nonfinite=False, hist=None)
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import icsk
-from icsk.store import load_run
+from icsk.store import chunk_files, load_run
 
 QS = (0.15, 0.5, 0.85)
 # the Recorder reduces on the activation's device: every reference test runs on each one here
@@ -423,6 +423,15 @@ def test_probe_forwards_are_tagged_and_recorded_on_unscheduled_steps_too():
         np.testing.assert_array_equal(got, ref)
     with pytest.raises(icsk.RecorderError, match="enter it first"), rec.probe():
         pass
+    # probes on steps the schedule skips count towards flush_every: chunks appear while training
+    with icsk.Recorder(model, layers=["0"], stats=["mean"], schedule=[0], flush_every=2) as rec2:
+        for _ in range(5):
+            with rec2.probe():
+                model(probe)
+            rec2.step()
+        rec2._writer.wait()  # chunks are written in the background
+        assert len(chunk_files(rec2.stats_dir)) == 2  # steps 0-1 and 2-3, before the Recorder closes
+    assert sorted(rec2.to_frame(mode="probe").step.unique()) == list(range(5))
 
 
 def test_a_model_without_submodules_is_recorded_through_the_wrapper_the_error_names():

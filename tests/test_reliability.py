@@ -87,23 +87,36 @@ def test_resume_without_a_checkpoint_trains_again_without_duplicate_rows(tmp_pat
 
 def test_resume_refuses_other_settings_and_prints_the_command_that_works(tmp_path):
     """A resume must not train on with settings the run did not start with (the README's
-    'resume=true in its folder' used to rebuild the job from the defaults): it is refused with
-    the first launch's overrides, config.yaml stays the run's, and where/how-it-prints settings
-    may change."""
+    'resume=true in its folder' used to rebuild the job from the defaults): it is refused with a
+    command that resumes it, valid for the shell and for Hydra also when the folder's name holds
+    '=' and ',' (Hydra's override_dirname); config.yaml stays the run's; where/how-it-prints
+    settings may change, and so may keys the run's config predates or that an override set
+    through an interpolation that resolves anew."""
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    run_dir = tmp_path / "optim.lr=0.3,seed=0"
     first = [*BASE, "train.steps=20", "train.eval_every=0", "train.checkpoint_every=10", "optim.lr=0.3",
-             "model.arms=[bn,none]"]
-    run(compose(first), tmp_path, overrides=first)
-    saved = (tmp_path / "config.yaml").read_text()
+             "model.arms=[bn,none]", "resume=false", "name=demo_${now:%H%M%S%f}"]
+    run(compose(first), run_dir, overrides=first)
+    saved = (run_dir / "config.yaml").read_text()
     with pytest.raises(ConfigError) as err:
-        run(compose(["resume=true", "logger=none"]), tmp_path)
+        run(compose(["resume=true", "logger=none"]), run_dir)
     msg = str(err.value)
     assert "optim.lr: 0.3 in the run, 0.5 now" in msg and "train.steps: 20 in the run, 2000 now" in msg
-    assert f"icsk-train {' '.join(BASE)} train.steps=20" in msg and "'model.arms=[bn,none]'" in msg
-    assert msg.endswith("start a new run folder.") and f"resume=true hydra.run.dir={tmp_path}" in msg
-    assert (tmp_path / "config.yaml").read_text() == saved
-    info = run(compose([*first, "resume=true", "train.progress=true", "device=cpu"]), tmp_path)
+    assert msg.endswith("start a new run folder.")
+    cmd = shlex.split(msg.split("Resume it with: ")[1].split(". Only ")[0])
+    assert cmd[0] == "icsk-train" and cmd[1:-2] == [o for o in first if o != "resume=false"]
+    parsed = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(cmd[-2:])}
+    assert parsed == {"resume": True, "hydra.run.dir": str(run_dir)}
+    assert (run_dir / "config.yaml").read_text() == saved
+    # a key added to icsk since the run started (absent from its config.yaml) is no difference
+    assert "  probe_schedule: null\n" in saved
+    (run_dir / "config.yaml").write_text(saved.replace("  probe_schedule: null\n", ""))
+    info = run(compose([*cmd[1:-2], "resume=true", "train.progress=true", "device=cpu"]), run_dir)
     assert info["status"] == "finished" and info["overrides"] == first
-    assert (tmp_path / "config.yaml").read_text() == saved
+    assert "probe_schedule" not in (run_dir / "config.yaml").read_text()
 
 
 @pytest.mark.parametrize("log_every", [1, 3])
@@ -156,7 +169,7 @@ def test_resume_clears_the_earlier_attempts_error(tmp_path):
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     common = ["train.steps=60", "train.checkpoint_every=20", "train.eval_every=10", "model.arms=[bn,noisy_bn]",
-              "recorder.probe_schedule=7", "data.probe_size=50"]
+              "recorder.probe_schedule=7", "data.probe_size=50", "recorder.stats=[mean,var,quantiles,hist]"]
     full = cli(tmp_path / "full", *common)
     assert full.returncode == 0, full.stdout + full.stderr
     assert json.loads((tmp_path / "full" / "run.json").read_text())["overrides"] == [*BASE, *common]
@@ -172,6 +185,8 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     probe = [icsk.load_run(tmp_path / d, mode="probe").sort_values(["arm", "step", "layer", "stat", "unit"])
              .reset_index(drop=True) for d in ("full", "cut")]
     pd.testing.assert_frame_equal(*probe, check_exact=True)
+    hists = [icsk.load_run(tmp_path / d, table="hist", mode="probe") for d in ("full", "cut")]
+    pd.testing.assert_frame_equal(*hists, check_exact=True)  # the resumed run reuses the probe's ranges
     assert sorted(probe[0].step.unique()) == list(range(0, 60, 7))
     steps = icsk.load_run(tmp_path / "cut", stats=["mean"], layers=["block1.pre_act"])
     counts = steps.groupby(["arm", "step"], observed=True).size()
@@ -236,6 +251,8 @@ def test_bad_inputs_get_clear_messages(tmp_path):
         job(tmp_path / "bs1", "data.batch_size=1", steps=2)
     with pytest.raises(ConfigError, match=r"\['LpInf', 'lp1'\].*batch_size=1"):  # lp by its aliases, any case
         job(tmp_path / "bs1lp", "data.batch_size=1", "model.arms=[lp1,LpInf,ln]", steps=2)
+    with pytest.raises(ConfigError, match=r"probe batch.*data.probe_size>=2, got 1"):
+        job(tmp_path / "probe1", "recorder.probe_schedule=5", "data.probe_size=1", steps=2)
     with pytest.raises(DatasetNotFoundError, match=str(tmp_path / "nodata")):
         job(tmp_path / "mnist", "data=mnist", f"data.root={tmp_path / 'nodata'}", steps=2)
     with pytest.raises(icsk.RecorderError, match=r"block9.pre_act.*nearest valid names.*block\d.pre_act"):

@@ -151,6 +151,11 @@ def test_report_draws_the_probe_batch_with_mode_probe(tmp_path, capsys):
     runs = collect_runs([tmp_path / "run"])
     assert sorted(runs.in_mode("probe").stats(stats=["mean"]).step.unique()) == [0, 3, 6, 9]
     assert sorted(runs.stats(stats=["mean"]).step.unique()) == list(range(12))
+    probe = runs.in_mode("probe")
+    assert {g.mode for g in probe.groups()} == {probe.where({}).mode, probe.only_arms(["bn"]).mode} == {"probe"}
+    from icsk.report.figures import drift_frame
+
+    assert sorted(drift_frame(probe).step.unique()) == [3, 6, 9]  # ref=previous: from the second probe on
     rep = build_report([tmp_path / "run"], out=tmp_path / "rep", figures=["ioffe", "drift_curves"], mode="probe",
                        formats=["png"], log=lambda m: None)
     assert [b.kind for b in rep.figures] == ["ioffe", "drift_curves"] and not rep.failed

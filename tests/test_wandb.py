@@ -240,8 +240,13 @@ def test_resume_continues_the_wandb_run_and_readers_keep_the_resumed_values(tmp_
     monkeypatch.setattr(experiment.Trainer, "train_step", train_step)
     with pytest.raises(KeyboardInterrupt):
         run(tiny_cfg(*cfg), tmp_path)
+    first_id = json.loads((tmp_path / "run.json").read_text())["wandb_run"]
+    with pytest.raises(KeyboardInterrupt):  # an attempt without wandb keeps the id for the next one
+        run(tiny_cfg(*(c for c in cfg if not c.startswith("logger.")), "resume=true", "logger=none"), tmp_path)
+    assert json.loads((tmp_path / "run.json").read_text())["wandb_run"] == first_id
     monkeypatch.setattr(experiment.Trainer, "train_step", real_step)
     info = run(tiny_cfg(*cfg, "resume=true"), tmp_path)
+    assert info["wandb_run"] == first_id
     wb = read_offline_run(tmp_path, wait=30)
     assert len(wb["attempts"]) == 2 and wb["run_id"] == info["wandb_run"] and wb["exit_code"] == 0
     got = history_to_metrics(wb["history_rows"])
@@ -296,3 +301,13 @@ def test_offline_mode_needs_no_network(tmp_path):
     assert run["run_id"] == res.stdout.strip().splitlines()[-1]
     assert run["history"]["bn/loss"].tolist() == pytest.approx([1.0, 0.5, 1 / 3, 0.25, 0.2])
     assert run["exit_code"] == 0
+
+
+def test_history_to_metrics_keeps_the_later_of_two_values_for_a_step():
+    from icsk.report.wandb_source import history_to_metrics
+
+    rows = [{"step": 5, "bn/loss": 1.0, "bn/acc": 0.5}, {"step": 6, "bn/loss": 2.0},
+            {"step": 5, "bn/loss": 3.0}, {"step": 6, "none/loss": 4.0}]
+    m = history_to_metrics(rows).sort_values(["arm", "metric", "step"]).reset_index(drop=True)
+    assert m[["step", "arm", "metric", "value"]].values.tolist() == [
+        [5, "bn", "acc", 0.5], [5, "bn", "loss", 3.0], [6, "bn", "loss", 2.0], [6, "none", "loss", 4.0]]

@@ -90,7 +90,8 @@ def summary_markdown(name: str, runs: RunSet, built: list[BuiltFigure], skipped:
     lines.append("Run status: " + ", ".join(f"{n} {s}" for s, n in status.items()) + ".")
     if runs.mode != "train":
         lines.append({"probe": "Activation statistics are those of the fixed probe batch (mode=probe): they "
-                               "change only because the weights do.",
+                               "change only because the weights do (and by the noise of stochastic layers, "
+                               "such as noisy BN's).",
                       "eval": "Activation statistics are those of eval-mode forwards (mode=eval)."}[runs.mode])
     lines.append("")
     lines.append("Curves are means over seeds; bands are a 95% t-interval of the mean with 3 or more seeds, "
