@@ -27,6 +27,7 @@ the tests check them on machines without a GPU.
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import numpy as np
 import torch
@@ -37,6 +38,9 @@ _TILE = 1024  # values per tile: a program's registers hold one tile
 _PROGRAMS_PER_SM = 4  # batch slices are chosen so that a launch has about this many programs per SM
 _NP = 11  # partial results per (unit, slice): cnt, shift, off, m2, sum, min, max, sat, zero, nonfinite, nan
 OUTPUTS = ("mean", "var", "min", "max", "frac_sat", "frac_zero", "nonfinite")
+# Triton's launcher and JIT cache are not made for concurrent use; the training thread (large
+# layers) and the reducer thread (staged ones) may both launch: one at a time
+_launch_lock = threading.Lock()
 
 
 @triton.jit
@@ -205,7 +209,7 @@ def scan(x: torch.Tensor, *, min_max: bool, sat: float | None, zero_eps: float |
     out = torch.empty((len(OUTPUTS), K, C), dtype=torch.float32, device=x.device)
     counts = torch.empty((K, C, B + 2) if hist is not None else (1,), dtype=torch.float32, device=x.device)
     # Triton launches on the thread's current device, which the reducer thread never set
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with _launch_lock, torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _partials[(units, n_split)](
             x, part, part_h, N, C, S, *x.stride(), per, n_split, origin, scale,
             _f32(sat if sat is not None else np.inf), _f32(zero_eps if zero_eps is not None else -1.0),
