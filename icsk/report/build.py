@@ -289,12 +289,13 @@ def _key_numbers(kind: str, rs: RunSet, fig: Figure, label: str, extra: dict[str
             add("Effective β-smoothness (second half of training)", t)
     elif kind == "ics":
         m = rs.metrics(["ics_cos", "ics_l2"])
-        # a layer with no probed layer before it (the first) has G' = G: cos 1 and l2 0 by
-        # definition, which would pull every arm towards "no ICS"
+        # a layer with no moving layer before it (the first, or one behind frozen layers) has
+        # G' = G: cos 1 and l2 0 by construction, which would pull every arm towards "no ICS"
         l2 = m[m["metric"] == "ics_l2"].groupby(["run", "arm", "layer"], observed=True)["value"].max()
         trivial = l2[l2 == 0].index
         m = m[~m.set_index(["run", "arm", "layer"]).index.isin(trivial)]
         if not m.empty:
             t = m.pivot_table(index="arm", columns="metric", values="value", aggfunc="mean").reset_index()
             t.columns.name = None
-            add("Gradient ICS (mean over steps, seeds and layers, but the first, where G' = G by definition)", t)
+            add("Gradient ICS (mean over steps, seeds and layers, leaving out layers where G' = G by "
+                "construction, such as the first)", t)
