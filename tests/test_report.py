@@ -439,3 +439,12 @@ def test_default_report_of_a_sweep_draws_each_setting(sweep_dir, tmp_path):
     text = rep.summary.read_text()
     for f in rep.files:
         assert f.name in text
+
+
+def test_lp_spellings_get_their_own_colours_and_labels():
+    """Arms named by the lp aliases (lp1, lp2, lpinf) are told apart in every figure."""
+    from icsk.report.style import arm_color, arm_label, order_arms
+
+    arms = ["lpinf", "lp1", "none", "lp2", "bn"]
+    assert len({arm_color(a) for a in arms}) == len(arms)
+    assert [arm_label(a) for a in order_arms(arms)] == ["no norm", "BN", "L1 norm", "L2 norm", "L∞ norm"]

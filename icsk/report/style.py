@@ -21,9 +21,14 @@ ARM_PALETTE: dict[str, str] = {
     "ln": "#cc78bc",  # pink
     "gn": "#ca9161",  # brown
     "lp": "#de8f05",  # orange
+    # the lp normalizer's spellings with their exponent (icsk.models.norms), often compared together
+    "lp1": "#56b4e9",  # sky blue
+    "lp2": "#de8f05",  # orange, as lp (p = 2 by default)
+    "lpinf": "#949494",  # grey
+    "lp_inf": "#949494",
 }
-_SPARE_COLOURS = ["#56b4e9", "#949494", "#fbafe4", "#ece133", "#000000"]
-ARM_ORDER = ["none", "bn", "noisy_bn", "ln", "gn", "lp"]
+_SPARE_COLOURS = ["#fbafe4", "#ece133", "#000000", "#a6761d", "#7570b3"]
+ARM_ORDER = ["none", "bn", "noisy_bn", "ln", "gn", "lp", "lp1", "lp2", "lpinf", "lp_inf"]
 ARM_LABELS: dict[str, str] = {
     "none": "no norm",
     "bn": "BN",
@@ -31,6 +36,10 @@ ARM_LABELS: dict[str, str] = {
     "ln": "LayerNorm",
     "gn": "GroupNorm",
     "lp": "Lp norm",
+    "lp1": "L1 norm",
+    "lp2": "L2 norm",
+    "lpinf": "L∞ norm",
+    "lp_inf": "L∞ norm",
 }
 ARM_TITLES: dict[str, str] = {
     "none": "without BN",
@@ -39,12 +48,17 @@ ARM_TITLES: dict[str, str] = {
     "ln": "with LayerNorm",
     "gn": "with GroupNorm",
     "lp": "with Lp norm",
+    "lp1": "with L1 norm",
+    "lp2": "with L2 norm",
+    "lpinf": "with L∞ norm",
+    "lp_inf": "with L∞ norm",
 }
 FONT_FAMILIES = {"serif": "DejaVu Serif", "sans-serif": "DejaVu Sans"}
 
 
 def order_arms(arms: Iterable[str]) -> list[str]:
-    """Arms in the canonical order (none, bn, noisy_bn, ln, gn, lp), unknown ones after, sorted."""
+    """Arms in the canonical order (none, bn, noisy_bn, ln, gn, lp and its spellings), unknown ones
+    after, sorted."""
     arms = set(arms)
     known = [a for a in ARM_ORDER if a in arms]
     return known + sorted(arms - set(known))
