@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import random
+import re
 import shlex
 import signal
 from collections.abc import Iterator
@@ -295,8 +296,10 @@ RESUME_MAY_CHANGE = ("resume", "device", "train.progress", "logger", "data.root"
 
 
 def _hydra_quoted(value: str) -> str:
-    """``value`` as a quoted Hydra override value (folder names may hold '=', ',' or '[')."""
-    return "'" + value.replace("'", "\\'") + "'"  # Hydra unescapes only quotes (and backslashes before them)
+    """``value`` as a quoted Hydra override value (folder names may hold '=', ',' or '['): quotes
+    escaped, backslashes doubled where they precede a quote or the end, ``${`` not interpolated."""
+    value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)
+    return "'" + value.replace("'", "\\'").replace("${", "\\${") + "'"
 
 
 def _shell_word(word: str) -> str:
@@ -309,35 +312,70 @@ def _shell_word(word: str) -> str:
     return shlex.quote(word)
 
 
-def _check_resume_config(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> None:
+def _override_values(overrides: list[str] | None) -> dict[str, str]:
+    """``{key: value text}`` of command-line overrides (``+key=v`` and ``~key`` included)."""
+    return {o.partition("=")[0].lstrip("+~"): o.partition("=")[2] for o in overrides or ()}
+
+
+def _check_resume_config(cfg: DictConfig, run_dir: Path, first: list[str] | None, now_overrides: list[str] | None) -> None:
     """``resume=true`` continues a run with the settings it started with (its config.yaml): any
     other difference would mix two experiments in one folder, so it is refused with the command
-    that resumes it as started.
+    that resumes it as started (``first``: the first launch's overrides, if known).
 
-    Compared are the keys both configs have: a key the run's config lacks is a setting added to
-    icsk since it started (it resumes with the default), and one only the run has was removed.
-    A key set by an override with an interpolation (``name=x_${now:%H%M}``) resolves anew on
-    every launch and is not compared."""
+    A key only one side has is a difference too (``+model.options.momentum=...`` or
+    ``~metrics.bn_gap`` in one launch only), unless its value is null: a setting added to icsk
+    since the run started, off by default. A key that both launches set with the same
+    interpolating override (``name=x_${now:%H%M}``) resolves anew each time and is not compared."""
     saved_path = run_dir / "config.yaml"
     if not saved_path.exists():
         return
     saved = flatten(OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True))
     now = flatten(OmegaConf.to_container(cfg, resolve=True))
-    moving = {o.split("=", 1)[0].lstrip("+~") for o in overrides or () if "${" in o.partition("=")[2]}
-    differ = sorted(k for k in saved.keys() & now.keys()
-                    if saved[k] != now[k] and k not in moving
-                    and not any(k == m or k.startswith(m + ".") for m in RESUME_MAY_CHANGE))
+    was, is_ = _override_values(first), _override_values(now_overrides)
+    moving = {k for k, v in was.items() if "${" in v and is_.get(k) == v}
+    unset = object()
+
+    def differs(k: str) -> bool:
+        a, b = saved.get(k, unset), now.get(k, unset)
+        if unset in (a, b):
+            return (b if a is unset else a) is not None
+        return a != b
+
+    differ = sorted(k for k in saved.keys() | now.keys()
+                    if k not in moving and not any(k == m or k.startswith(m + ".") for m in RESUME_MAY_CHANGE)
+                    and differs(k))
     if not differ:
         return
-    shown = "; ".join(f"{k}: {saved[k]} in the run, {now[k]} now"
+    shown = "; ".join(f"{k}: {saved.get(k, '(unset)')} in the run, {now.get(k, '(unset)')} now"
                       for k in differ[:8]) + (f"; and {len(differ) - 8} more" if len(differ) > 8 else "")
-    first = [o for o in overrides or () if not o.startswith(("resume=", "+resume="))]
-    words = [*first, "resume=true", f"hydra.run.dir={_hydra_quoted(str(run_dir))}"]
-    how = (f"icsk-train {' '.join(_shell_word(w) for w in words)}" if overrides is not None
+    words = [*(o for o in first or () if not o.startswith(("resume=", "+resume="))), "resume=true",
+             f"hydra.run.dir={_hydra_quoted(str(run_dir))}"]
+    how = (f"icsk-train {' '.join(_shell_word(w) for w in words)}" if first is not None
            else "the overrides of its first launch, plus resume=true")
     raise ConfigError(f"resume=true continues {run_dir} with the settings it started with, but {len(differ)} "
                       f"differ: {shown}. Resume it with: {how}. Only {', '.join(RESUME_MAY_CHANGE[1:])} may "
                       "change on resume; for other settings start a new run folder.")
+
+
+def _probe_plan(cfg: DictConfig, bundle: DataBundle, models: dict[str, nn.Module]):
+    """``(schedule, batch)`` of the fixed probe batch (``recorder.probe_schedule``; both None when
+    off), after checking that the batch sizes can train every arm: arms that normalize over the
+    batch need 2 or more samples, in training batches and in the probe batch (it runs in
+    training mode)."""
+    batch_norms = sorted(a for a in models if uses_batch_statistics(a))
+    if cfg.data.batch_size is not None and int(cfg.data.batch_size) < 2 and batch_norms:
+        raise ConfigError(f"arms {batch_norms} normalize over the batch and cannot train with data.batch_size="
+                          f"{cfg.data.batch_size}; use data.batch_size>=2 or drop those arms (model.arms=[none,ln])")
+    at = cfg.recorder.get("probe_schedule") if cfg.recorder.get("enabled", True) else None
+    if at is None:
+        return None, None
+    size = cfg.data.get("probe_size")
+    if size is not None and int(size) < 1:
+        raise ConfigError(f"data.probe_size must be >= 1 (or null: the whole training split), got {size}")
+    if batch_norms and min(len(bundle.train), len(bundle.train) if size is None else int(size)) < 2:
+        raise ConfigError(f"arms {batch_norms} normalize over the batch, and the probe batch (recorder.probe_schedule) "
+                          f"runs in training mode: it needs data.probe_size>=2, got {size}")
+    return config_schedule(at), probe_batch(bundle.train, size, int(cfg.seed))
 
 
 def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -353,15 +391,17 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
         raise ConfigError(f"{run_dir} already holds a run; pass resume=true to continue it or choose a new folder")
     prior: dict[str, Any] = read_json(status_path) if (resume and status_path.exists()) else {}
     if resume:
-        _check_resume_config(cfg, run_dir, prior.get("overrides"))
-        if not Checkpointer(run_dir).exists():
-            _drop_rows_without_checkpoint(run_dir)
-    if not (resume and (run_dir / "config.yaml").exists()):  # a resumed run keeps the config it started with
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        _check_resume_config(cfg, run_dir, prior.get("overrides"), overrides)
+    # everything that can refuse the config runs before the folder is written to
     seed_everything(int(cfg.seed))
     device = resolve_device(str(cfg.device))
     bundle = load_data(cfg)
     models = build_arms_models(cfg, bundle)
+    probe_at, probe = _probe_plan(cfg, bundle, models)
+    if resume and not Checkpointer(run_dir).exists():
+        _drop_rows_without_checkpoint(run_dir)
+    if not (resume and (run_dir / "config.yaml").exists()):  # a resumed run keeps the config it started with
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     steps = int(cfg.train.steps)
     criterion = make_criterion(bundle.task)
     arms: list[Arm] = []
@@ -373,16 +413,6 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
             (run_dir / "arms" / name / "stats").mkdir(parents=True, exist_ok=True)
         arms.append(Arm(name, model, opt, build_scheduler(cfg.optim, opt, steps), rec))
     first = next(iter(models.values()))
-    batch_norms = sorted(a for a in models if uses_batch_statistics(a))
-    if cfg.data.batch_size is not None and int(cfg.data.batch_size) < 2 and batch_norms:
-        raise ConfigError(f"arms {batch_norms} normalize over the batch and cannot train with data.batch_size="
-                          f"{cfg.data.batch_size}; use data.batch_size>=2 or drop those arms (model.arms=[none,ln])")
-    probe_at = cfg.recorder.get("probe_schedule") if cfg.recorder.get("enabled", True) else None
-    probe_at = None if probe_at is None else config_schedule(probe_at)
-    probe_size = cfg.data.get("probe_size")
-    if probe_at is not None and batch_norms and min(len(bundle.train), probe_size or len(bundle.train)) < 2:
-        raise ConfigError(f"arms {batch_norms} normalize over the batch, and the probe batch (recorder.probe_schedule) "
-                          f"runs in training mode: it needs data.probe_size>=2, got {probe_size}")
     stream = BatchStream(bundle.train, cfg.data.batch_size, seed=int(cfg.seed), device=device)
 
     def probe_loss(model: nn.Module, batch) -> torch.Tensor:
@@ -404,7 +434,7 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
                     disable=not bool(cfg.train.get("progress", True)), dynamic_ncols=True)
     trainer = Trainer(
         arms, stream, criterion, run_dir=run_dir, steps=steps, device=device,
-        probe_batch=None if probe_at is None else probe_batch(bundle.train, probe_size, int(cfg.seed)),
+        probe_batch=probe,
         probe_schedule=probe_at,
         evaluate=make_evaluator(bundle, criterion, device, eval_bs), eval_every=int(cfg.train.eval_every),
         log_every=int(cfg.train.log_every), checkpoint_every=int(cfg.train.get("checkpoint_every", 0)),
@@ -421,7 +451,7 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
         with graceful_signals():
             trainer.run()
         info["status"] = "finished"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # SystemExit: e.g. submitit's exit when SLURM pre-empts or requeues
         info["status"] = "interrupted"
         exit_code = 130
         raise

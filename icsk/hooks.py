@@ -364,7 +364,8 @@ class Recorder:
         """Forwards inside this block are recorded as ``mode="probe"`` at the current step, also on
         steps the schedule skips: for a fixed probe batch, whose statistics then change only
         because the weights do, and by the noise stochastic layers draw (noisy BN, dropout);
-        training batches add their sampling noise to every difference."""
+        training batches add their sampling noise to every difference. As in training, only
+        the first probe forward of a step is recorded: pass the whole probe batch at once."""
         if not self._entered:
             raise RecorderError("probe() records through the Recorder's hooks: enter it first (with rec: ...)")
         if self._forced_mode is not None or self._paused:

@@ -358,6 +358,7 @@ class Trainer:
     def _flush_losses(self, a: Arm) -> None:
         """Log one arm's buffered losses (mean since the last log); a non-finite one diverges it."""
         if not a._losses:
+            a._lrs = []
             return
         losses = torch.stack(a._losses).cpu().numpy()
         accs = torch.stack(a._accs).cpu().numpy() if a._accs else None

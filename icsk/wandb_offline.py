@@ -47,7 +47,8 @@ def find_run_files(path: str | Path) -> list[Path]:
         raise FileNotFoundError(p)
     files = sorted(p.glob("run-*.wandb")) or sorted(p.glob("*run-*/run-*.wandb")) \
         or sorted(p.glob("wandb/*run-*/run-*.wandb"))
-    return sorted(files, key=lambda f: (f.parent.name.split("-", 2)[-1], f.name))
+    # folders are [offline-]run-<time>-<id>: by time, whether the attempt ran offline or online
+    return sorted(files, key=lambda f: (f.parent.name.removeprefix("offline-"), f.name))
 
 
 def iter_records(path: str | Path, *, strict: bool = False) -> Iterator[bytes]:
@@ -159,12 +160,13 @@ def read_offline_run(path: str | Path, *, strict: bool = False, wait: float = 0.
 
     ``path`` is a ``run-*.wandb`` file, its ``offline-run-*`` folder, a ``wandb/`` folder or a run
     folder holding one wandb run (several: pass the file). The attempts of a resumed run (one
-    run id in several ``offline-run-*`` folders) are read as one run: their history rows in order
-    (a step logged by two attempts appears twice; the later one is the resumed run's), the last
+    run id in several ``offline-run-*`` folders) are read as one run: their history rows attempt
+    after attempt, each attempt's sorted by its own ``_step`` (which starts again at 0; a step
+    logged by two attempts appears twice, the later one being the resumed run's), the last
     attempt's exit code, and ``attempts`` (their files). Returns a dict with
     ``run_id``, ``project``, ``group``, ``job_type``, ``tags``, ``name``, ``config`` (plain values,
     wandb's own ``_wandb`` entry dropped), ``summary`` (final), ``history`` (pandas DataFrame,
-    one row per wandb history row, sorted by ``_step``, columns = logged keys; a histogram or
+    one row per wandb history row, sorted by ``_step`` within an attempt, columns = logged keys; a histogram or
     image is one column holding its JSON dict), ``history_rows`` (the same rows as dicts with only
     the keys logged in each, like the wandb API's ``scan_history``: a logged NaN stays apart from a
     missing key), ``exit_code`` (None while the run is unfinished) and ``path``.
@@ -192,6 +194,9 @@ def _read_run(path: str | Path, *, strict: bool) -> dict[str, Any]:
                              "pass one of their .wandb files")
     # one run id in several folders: the attempts of a resumed run (oldest first), read as one run
     parts = [_read_file(f, strict) for f in files]
+    if len({p["project"] for p in parts}) > 1:
+        raise WandbFileError(f"{path} holds runs of one id in different projects "
+                             f"({', '.join(str(p['project']) for p in parts)}); pass one of their .wandb files")
     out = parts[-1]
     if len(parts) > 1:
         rows = [row for p in parts for row in p["history_rows"]]

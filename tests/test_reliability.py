@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -98,7 +99,7 @@ def test_resume_refuses_other_settings_and_prints_the_command_that_works(tmp_pat
 
     run_dir = tmp_path / "optim.lr=0.3,seed=0"
     first = [*BASE, "train.steps=20", "train.eval_every=0", "train.checkpoint_every=10", "optim.lr=0.3",
-             "model.arms=[bn,none]", "resume=false", "name=demo_${now:%H%M%S%f}"]
+             "model.arms=[bn,none]", "resume=false", "name=demo_${now:%H%M%S%f}", "+model.options.momentum=0.5"]
     run(compose(first), run_dir, overrides=first)
     saved = (run_dir / "config.yaml").read_text()
     with pytest.raises(ConfigError) as err:
@@ -111,10 +112,19 @@ def test_resume_refuses_other_settings_and_prints_the_command_that_works(tmp_pat
     parsed = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(cmd[-2:])}
     assert parsed == {"resume": True, "hydra.run.dir": str(run_dir)}
     assert (run_dir / "config.yaml").read_text() == saved
-    # a key added to icsk since the run started (absent from its config.yaml) is no difference
+    # a key only one launch sets (+key=..., ~key) is a difference; so is a literal instead of the
+    # interpolation the run was started with
+    again = [o for o in cmd[1:-2] if not o.startswith("+model.options")]
+    for other, key in [(again, "model.options.momentum: 0.5 in the run, (unset) now"),
+                       ([*cmd[1:-2], "~metrics.bn_gap"], "metrics.bn_gap.enabled: False in the run, (unset) now"),
+                       ([*cmd[1:-2], "name=other"], "name: demo_")]:
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            run(compose([*other, "resume=true"]), run_dir, overrides=[*other, "resume=true"])
+    # a key added to icsk since the run started (absent from its config.yaml, null) is no difference
     assert "  probe_schedule: null\n" in saved
     (run_dir / "config.yaml").write_text(saved.replace("  probe_schedule: null\n", ""))
-    info = run(compose([*cmd[1:-2], "resume=true", "train.progress=true", "device=cpu"]), run_dir)
+    args = [*cmd[1:-2], "resume=true", "train.progress=true", "device=cpu"]
+    info = run(compose(args), run_dir, overrides=args)
     assert info["status"] == "finished" and info["overrides"] == first
     assert "probe_schedule" not in (run_dir / "config.yaml").read_text()
 
@@ -154,6 +164,25 @@ def test_a_slurm_time_out_closes_the_run_as_interrupted(tmp_path, monkeypatch):
     info = json.loads((tmp_path / "run.json").read_text())
     assert info["status"] == "interrupted" and "error" not in info
     assert info["arms"]["bn"]["last_step"] == 5
+
+
+def test_a_requeue_exit_closes_the_run_as_interrupted(tmp_path, monkeypatch):
+    """submitit calls sys.exit(-1) when SLURM pre-empts or requeues the job: the run is closed as
+    interrupted (resumable), not left 'running'."""
+    import icsk.experiment as experiment
+
+    real_step = experiment.Trainer.train_step
+
+    def train_step(self, *a, **k):
+        if self.step == 5:
+            raise SystemExit(-1)
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(experiment.Trainer, "train_step", train_step)
+    with pytest.raises(SystemExit):
+        job(tmp_path, steps=20)
+    info = json.loads((tmp_path / "run.json").read_text())
+    assert info["status"] == "interrupted" and info["arms"]["bn"]["last_step"] == 4
 
 
 def test_resume_clears_the_earlier_attempts_error(tmp_path):
@@ -253,6 +282,11 @@ def test_bad_inputs_get_clear_messages(tmp_path):
         job(tmp_path / "bs1lp", "data.batch_size=1", "model.arms=[lp1,LpInf,ln]", steps=2)
     with pytest.raises(ConfigError, match=r"probe batch.*data.probe_size>=2, got 1"):
         job(tmp_path / "probe1", "recorder.probe_schedule=5", "data.probe_size=1", steps=2)
+    with pytest.raises(ConfigError, match=r"data.probe_size must be >= 1"):
+        job(tmp_path / "probe0", "recorder.probe_schedule=5", "data.probe_size=0", steps=2)
+    # a refused config leaves nothing behind: the same folder takes the fixed config, no resume needed
+    assert not (tmp_path / "probe0" / "arms").exists() and not (tmp_path / "probe0" / "config.yaml").exists()
+    assert job(tmp_path / "probe0", "recorder.probe_schedule=5", "data.probe_size=2", steps=2)["status"] == "finished"
     with pytest.raises(DatasetNotFoundError, match=str(tmp_path / "nodata")):
         job(tmp_path / "mnist", "data=mnist", f"data.root={tmp_path / 'nodata'}", steps=2)
     with pytest.raises(icsk.RecorderError, match=r"block9.pre_act.*nearest valid names.*block\d.pre_act"):

@@ -259,6 +259,25 @@ def test_resume_continues_the_wandb_run_and_readers_keep_the_resumed_values(tmp_
     assert sorted(logged) == sorted([*range(9), *range(6, 12)])  # steps 6-8 by both attempts
 
 
+def test_attempts_are_ordered_by_time_whether_offline_or_online(tmp_path):
+    """An online attempt's folder is run-<time>-<id>, an offline one's offline-run-<time>-<id>."""
+    names = ["offline-run-20260102_000000-abc", "run-20260101_000000-abc", "run-20260103_000000-abc"]
+    for n in names:
+        (tmp_path / "wandb" / n).mkdir(parents=True)
+        write_log(tmp_path / "wandb" / n / "run-abc.wandb", [])
+    assert [f.parent.name for f in find_run_files(tmp_path)] == [names[1], names[0], names[2]]
+    # one id in two projects is two runs, not two attempts of one
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    for n, project in zip(names[:2], ("p1", "p2"), strict=True):
+        rec = pb.Record()
+        rec.run.run_id, rec.run.project = "abc", project
+        write_log(tmp_path / "wandb" / n / "run-abc.wandb", [rec.SerializeToString()])
+    (tmp_path / "wandb" / names[2] / "run-abc.wandb").unlink()
+    with pytest.raises(WandbFileError, match="different projects"):
+        read_offline_run(tmp_path)
+
+
 def test_reader_refuses_ambiguous_folders(tmp_path):
     for rid in ("aaa", "bbb"):
         d = tmp_path / "wandb" / f"offline-run-20260101_000000-{rid}"
