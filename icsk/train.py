@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .hooks import Recorder
-from .metrics.ics import RngSnapshot
+from .metrics.ics import RngSnapshot, forward_leaving_state
 from .schedule import Schedule
 from .store import MetricsWriter, chunk_files
 
@@ -322,19 +322,10 @@ class Trainer:
 
     def _record_probe_batch(self, arm: Arm) -> None:
         """The fixed probe batch through the arm at w_t in training mode, recorded as
-        ``mode="probe"``; normalizer buffers (BN running statistics) and the RNG are put back, so
-        training goes on exactly as without it."""
-        buffers = [b.detach().clone() for b in arm.model.buffers()]
-        rng = RngSnapshot()
-        try:
-            with torch.no_grad(), arm.recorder.probe():
-                arm.model.train()
-                arm.model(self.probe_batch[0])
-        finally:
-            rng.restore()
-            with torch.no_grad():
-                for b, saved in zip(arm.model.buffers(), buffers, strict=True):
-                    b.copy_(saved)
+        ``mode="probe"``; normalizer buffers (BN running statistics) and the RNG are left as
+        found, so training goes on exactly as without it."""
+        with arm.recorder.probe():
+            forward_leaving_state(arm.model, self.probe_batch[0])
 
     def _run_probe(self, probe: Probe, arm: Arm, batch, **kw) -> None:
         with arm.paused():

@@ -13,10 +13,8 @@ from typing import Any
 import pandas as pd
 import torch
 from torch import nn
-from torch.func import functional_call
-
 from .drift import gaussian_w2
-from .ics import _CallModule, _probe_context, _tensor_slots
+from .ics import forward_leaving_state
 
 
 def _has_running_stats(module: nn.Module) -> bool:
@@ -78,15 +76,11 @@ def bn_gap(
             )
         return hook
 
-    clones = {n: b.clone() for n, b in model.named_buffers()}
-    tensors = {f"model.{slot}": clones[name] for slot, name in _tensor_slots(model).items() if name in clones}
-    wrapper = _CallModule(model, forward or (lambda m, inp: m(inp)))
     handles = []
     try:
         for n, m in chosen.items():
             handles.append(m.register_forward_pre_hook(make_hook(n)))
-        with _probe_context(model, train=True), torch.no_grad():
-            functional_call(wrapper, tensors, (x,), tie_weights=False)
+        forward_leaving_state(model, x, forward)
     finally:
         for h in handles:
             h.remove()

@@ -94,6 +94,18 @@ def _tensor_slots(model: nn.Module) -> dict[str, str]:
     return slots
 
 
+def forward_leaving_state(model: nn.Module, x: Any, forward: Callable[[nn.Module, Any], Any] | None = None,
+                          train: bool = True) -> Any:
+    """One forward of ``x`` (``forward(model, x)``, default ``model(x)``) under no_grad, in
+    training mode if ``train``, on cloned buffers: the RNG, modes and buffers (BN running
+    statistics) are left as found. Forward hooks on the model's modules fire as usual."""
+    clones = {n: b.clone() for n, b in model.named_buffers()}
+    tensors = {f"model.{slot}": clones[name] for slot, name in _tensor_slots(model).items() if name in clones}
+    wrapper = _CallModule(model, forward or (lambda m, inp: m(inp)))
+    with _probe_context(model, train=train), torch.no_grad():
+        return functional_call(wrapper, tensors, (x,), tie_weights=False)
+
+
 class _Evaluator:
     """Evaluates loss_fn at arbitrary parameter values, functionally and reproducibly."""
 
