@@ -263,6 +263,10 @@ def _empty_frame(columns: dict[str, str]) -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=t) for c, t in columns.items()})
 
 
+# the ``mode`` of stored rows: the module's training flag, or a forward inside Recorder.probe()
+ROW_MODES = ("train", "eval", "probe")
+
+
 def names_matching(pattern: str, names: Iterable[str]) -> list[str]:
     """``names`` equal to ``pattern``, or matching it as a glob when it has ``*?[``."""
     glob = any(c in pattern for c in "*?[")
@@ -284,7 +288,7 @@ def resolve_selection(metas: Sequence[dict], layers=None, stats=None, steps=None
     A single name or step may stand for a list; layer globs (``"block*"``) expand to the
     recorded layers; ``"quantiles"`` expands to the recorded ``q...`` statistics. A name that
     matches nothing recorded raises ValueError listing what was (``strict=False`` drops it)."""
-    if mode is not None and mode not in ("train", "eval", "probe"):
+    if mode is not None and mode not in ROW_MODES:
         raise ValueError(f"mode must be 'train', 'eval', 'probe' or None (all), got {mode!r}")
     if isinstance(steps, (int, np.integer)):
         steps = [int(steps)]

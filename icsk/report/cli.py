@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")  # the command line only writes files; never needs a display
 
 from ..metrics.drift import MEASURES, REFS  # noqa: E402
+from ..store import ROW_MODES  # noqa: E402
 from .figures import FIGURE_NAMES  # noqa: E402
 from .loading import NoRunsError  # noqa: E402
 from .style import paper_bundles  # noqa: E402
@@ -100,7 +101,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                    help="keep runs whose config KEY equals VALUE (repeatable), e.g. optim.lr=0.1")
     p.add_argument("--arms", type=_csv, default=None, help="comma-separated arms to draw (default all)")
-    p.add_argument("--mode", default="train", choices=["train", "probe", "eval"],
+    p.add_argument("--mode", default="train", choices=ROW_MODES,
                    help="which Recorder rows the activation figures use: train (training batches, default), "
                         "probe (the fixed probe batch of recorder.probe_schedule: drift without batch noise) "
                         "or eval")

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from ..config import flatten
-from ..store import RunFolderError, arms_of, load_run, read_json, read_recorder_meta
+from ..store import ROW_MODES, RunFolderError, arms_of, load_run, read_json, read_recorder_meta
 from .style import order_arms
 
 if TYPE_CHECKING:
@@ -329,7 +329,7 @@ class RunSet:
 
     def in_mode(self, mode: str) -> RunSet:
         """Same runs, statistics read from ``mode``'s Recorder rows ('train', 'probe' or 'eval')."""
-        if mode not in ("train", "probe", "eval"):
+        if mode not in ROW_MODES:
             raise ValueError(f"mode must be 'train', 'probe' or 'eval', got {mode!r}")
         return RunSet(self.runs, self.label, self.arm_filter, mode)
 
