@@ -174,7 +174,11 @@ def test_lp_norm_matches_numpy_reference(p, spatial):
     ref, mu, scale = _lp_reference(x.numpy(), p)
     assert_close(lp.train()(x), torch.from_numpy(ref * g + b))
     assert_close(lp.running_mean, torch.from_numpy(0.3 * mu))
-    assert_close(lp.running_scale, torch.from_numpy(0.7 + 0.3 * scale))
+    n = x.numel() // 5
+    if p == 2.0:  # the root of BN's running_var: an average of the unbiased variance
+        assert_close(lp.running_scale, torch.from_numpy(np.sqrt(0.7 + 0.3 * scale**2 * n / (n - 1))))
+    else:
+        assert_close(lp.running_scale, torch.from_numpy(0.7 + 0.3 * scale))
     # eval: running statistics replace batch statistics
     x2 = torch.randn_like(x)
     rm, rs = lp.running_mean.numpy().reshape(shape), lp.running_scale.numpy().reshape(shape)
@@ -182,6 +186,28 @@ def test_lp_norm_matches_numpy_reference(p, spatial):
     if p == 2.0:  # l2 scale is BN's biased std
         bn = make_norm("bn", 5, spatial=spatial, eps=1e-12).double().train()
         assert_close(make_norm("lp", 5, spatial=spatial, eps=1e-12).double().train()(x), bn(x))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("spatial", [False, True])
+def test_lp2_matches_batch_norm_in_eval_mode_too(momentum, spatial):
+    """Same running statistics as nn.BatchNorm (unbiased scale; momentum=None is BN's cumulative average)."""
+    torch.manual_seed(2)
+    kw = dict(spatial=spatial, eps=1e-12, momentum=momentum)
+    lp, bn = make_norm("lp2", 5, **kw).double().train(), make_norm("bn", 5, **kw).double().train()
+    for _ in range(4):
+        x = torch.randn((6, 5, 3, 3) if spatial else (6, 5), dtype=torch.float64) * 3 + 1
+        assert_close(lp(x), bn(x))
+    assert_close(lp.running_mean, bn.running_mean)
+    assert_close(lp.running_scale ** 2, bn.running_var)
+    x = torch.randn((6, 5, 3, 3) if spatial else (6, 5), dtype=torch.float64)
+    assert_close(lp.eval()(x), bn.eval()(x))
+    if momentum is None:
+        one = make_norm("lp1", 5, momentum=None).double().train()
+        batches = [torch.randn(7, 5, dtype=torch.float64) for _ in range(3)]
+        for b in batches:
+            one(b)
+        assert_close(one.running_mean, torch.stack([b.mean(0) for b in batches]).mean(0))
 
 
 def test_lp_aliases_and_finite_gradient_on_constant_feature():

@@ -54,9 +54,12 @@ class LpNorm(nn.Module):
     Per feature (channel), over the batch (and spatial positions): c = x - mean, then
     y = gamma * c / (scale + eps) + beta with scale = (mean |c|^p)^(1/p), i.e. the batch-averaged
     l_p norm (p=1: mean absolute deviation; p=2: biased std, BN's scale; p=inf: max |c|).
-    Running mean and running scale (EWMA with ``momentum``) replace batch statistics in eval mode."""
+    Running mean and running scale replace batch statistics in eval mode: an EWMA with
+    ``momentum``, or the cumulative average when ``momentum`` is None, as in ``nn.BatchNorm``.
+    For p=2 the running scale is the root of BN's ``running_var`` (an average of the unbiased
+    batch variance), so p=2 matches BN in eval mode too; for p=1 and inf it averages the scale."""
 
-    def __init__(self, num_features: int, p: float = 2.0, eps: float = 1e-5, momentum: float = 0.1,
+    def __init__(self, num_features: int, p: float = 2.0, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True):
         super().__init__()
         p = math.inf if str(p).lower() in ("inf", "infinity") else float(p)
@@ -87,8 +90,14 @@ class LpNorm(nn.Module):
                 scale = scale / n ** (1.0 / self.p)
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
-                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
-                self.running_scale.lerp_(scale.detach().to(self.running_scale.dtype), self.momentum)
+                w = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), w)
+                tracked = scale.detach().to(self.running_scale.dtype)
+                if self.p == 2.0:  # average the unbiased variance, as BN does, and keep its root
+                    var = tracked.square() * (n / (n - 1) if n > 1 else 1.0)
+                    self.running_scale.copy_(self.running_scale.square().lerp_(var, w).sqrt_())
+                else:
+                    self.running_scale.lerp_(tracked, w)
         else:
             mean, scale = self.running_mean, self.running_scale
             c = x - mean.view(shape)
