@@ -173,7 +173,8 @@ def test_w1_levels_subset_and_missing_level_message():
 def test_layer_drift_and_series_shapes():
     df = make_frame()
     ld = layer_drift(df, "kl", "previous")
-    assert list(ld.columns) == ["arm", "layer", "step", "measure", "mean", "median"]
+    assert list(ld.columns) == ["arm", "layer", "step", "measure", "mean", "median", "units", "nonfinite"]
+    assert (ld.nonfinite == 0).all() and (ld.units == 3).all()  # 3 units; unit -1 is a layer statistic
     assert (ld.measure == "kl").all() and len(ld) == 2 * 2 * 3
     d = drift(df, "kl", "previous")
     g = d.groupby(["arm", "layer", "step"], observed=True).value
@@ -183,6 +184,27 @@ def test_layer_drift_and_series_shapes():
     assert list(ser.columns) == ["arm", "layer", "step", "measure", "value"]
     assert set(ser.measure) == {"w2", "mean_shift"} and len(ser) == 2 * 2 * 2 * 3
     assert not ser.value.isna().any()
+
+
+@pytest.mark.parametrize("measure", ["mean_shift", "kl", "sym_kl", "w2"])
+def test_layer_drift_leaves_out_units_without_a_finite_drift_and_counts_them(measure):
+    """A dead unit (var 0 at both steps: 0/0) and one whose reference var is 0 (inf) must not blank the layer."""
+    mu = {0: [0.0, 0.5, 1.0, 0.0, 2.0], 1: [0.0, 0.7, 1.2, 0.3, np.nan]}
+    var = {0: [0.0, 1.0, 2.0, 0.0, 1.0], 1: [0.0, 1.1, 1.5, 0.4, np.nan]}
+    rows = [(s, "L", st, u, v) for s in (0, 1) for st, table in (("mean", mu), ("var", var))
+            for u, v in enumerate(table[s])]
+    df = pd.DataFrame(rows, columns=["step", "layer", "stat", "unit", "value"])
+    per_unit = drift(df, measure, "previous").set_index("unit").value.to_numpy()
+    ok = np.isfinite(per_unit)
+    ld = layer_drift(df, measure, "previous", agg=("mean", "max"))
+    assert len(ld) == 1
+    assert int(ld.units[0]) == ok.sum() and int(ld.nonfinite[0]) == (~ok).sum() and ok.sum() >= 2
+    assert (~ok).sum() >= (1 if measure == "w2" else 2)  # w2 needs no division: only the NaN unit
+    assert_close(float(ld["mean"][0]), float(per_unit[ok].mean()))
+    assert_close(float(ld["max"][0]), float(per_unit[ok].max()))
+    all_bad = df[df.unit.isin(np.flatnonzero(~ok))]
+    out = layer_drift(all_bad, measure, "previous")
+    assert np.isnan(out["mean"][0]) and int(out.units[0]) == 0
 
 
 def test_extra_ids_are_kept_apart():

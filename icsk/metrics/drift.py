@@ -16,7 +16,8 @@ Measures (``t`` = the step, ``r`` = its reference step, σ = sqrt(var)):
   converges to W1 as n grows; with the default three levels (0.15, 0.5, 0.85) it is a coarse
   proxy (exact for a pure shift, where |Q_t − Q_r| is the same at every level).
 
-A zero reference variance gives ``inf``/``nan`` for the σ-normalised measures, as the formulas do.
+A zero reference variance gives ``inf``/``nan`` for the σ-normalised measures, as the formulas do;
+:func:`layer_drift` aggregates over the units with a finite drift and counts the others.
 """
 
 from __future__ import annotations
@@ -231,13 +232,23 @@ def layer_drift(
 ) -> pd.DataFrame:
     """Per-layer (per id group) aggregate over units of :func:`drift`.
 
-    Returns columns ``ids..., step, measure`` and one column per ``agg`` (any pandas
-    aggregation name: ``mean``, ``median``, ``max``, ``std`` ...)."""
+    Returns columns ``ids..., step, measure``, one column per ``agg`` (any pandas
+    aggregation name: ``mean``, ``median``, ``max``, ``std`` ...), then ``units`` and ``nonfinite``.
+    The aggregates cover the units whose drift is finite (``units`` of them); ``nonfinite``
+    counts the units left out (NaN or ±inf). A dead unit (variance 0 at both steps) has no
+    σ-normalised drift (0/0), and one whose reference variance is 0 an infinite one; one such
+    unit would otherwise blank its whole layer. A layer-step with no finite unit aggregates to NaN."""
     agg = [agg] if isinstance(agg, str) else list(agg)
     d = drift(frame, measure, ref, levels=levels)
     ids = [c for c in d.columns if c not in ("step", "unit", "value")]
     keys = [*ids, "step"]
-    out = d.groupby(keys, observed=True, dropna=False, sort=True)["value"].agg(agg).reset_index()
+    finite = np.isfinite(d["value"].to_numpy(dtype=np.float64))
+    d = d.assign(value=d["value"].where(finite), _nonfinite=~finite)
+    grouped = d.groupby(keys, observed=True, dropna=False, sort=True)
+    out = grouped["value"].agg(agg)
+    out["units"] = grouped["value"].count()
+    out["nonfinite"] = grouped["_nonfinite"].sum().astype(np.int64)
+    out = out.reset_index()
     out.insert(len(keys), "measure", measure)
     return out
 
@@ -256,7 +267,7 @@ def drift_series(
     parts = []
     for m in measures:
         ld = layer_drift(frame, m, ref, agg=(agg,), levels=levels if m == "w1" else None)
-        parts.append(ld.rename(columns={agg: "value"}))
+        parts.append(ld.drop(columns=["units", "nonfinite"]).rename(columns={agg: "value"}))
     out = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
     ids = [c for c in out.columns if c not in ("step", "measure", "value")]
     front = [c for c in ("arm", "layer") if c in ids]
