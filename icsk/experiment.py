@@ -211,17 +211,21 @@ def build_recorder(rcfg: DictConfig, model: nn.Module, path: Path) -> Recorder |
     )
 
 
-def build_probes(mcfg: DictConfig | None, model_layers: list[str], probe_loss, lr: float) -> list[Probe]:
-    """Online metric probes (gradient ICS, loss smoothness, BN gap) from ``cfg.metrics``."""
+def build_probes(mcfg: DictConfig | None, model_layers: list[str], probe_loss, lr: float,
+                 model_groups: list[str] | None = None) -> list[Probe]:
+    """Online metric probes (gradient ICS, loss smoothness, BN gap) from ``cfg.metrics``.
+
+    Gradient ICS defaults to ``model_layers`` (the weight layers), each moving with its block
+    (``model_groups``, normalizer parameters included) in G' of the layers after it."""
     probes: list[Probe] = []
     if mcfg is None:
         return probes
     ics = mcfg.get("ics")
     if ics is not None and ics.get("enabled", False):
-        layers = list(ics.layers) if ics.get("layers") else model_layers
+        layers, groups = (list(ics.layers), None) if ics.get("layers") else (model_layers, model_groups)
 
         def ics_fn(arm: Arm, batch, step: int):
-            df = M.gradient_ics(arm.model, probe_loss, batch, arm.optimizer, layers)
+            df = M.gradient_ics(arm.model, probe_loss, batch, arm.optimizer, layers, groups=groups)
             return [({"ics_l2": r.l2, "ics_cos": r.cos, "ics_grad_norm": r.grad_norm}, r.layer) for r in df.itertuples()]
 
         probes.append(Probe("ics", config_schedule(ics.get("schedule", 100)), ics_fn))
@@ -418,7 +422,8 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     def probe_loss(model: nn.Module, batch) -> torch.Tensor:
         return criterion(model(batch[0]), batch[1])
 
-    probes = build_probes(cfg.get("metrics"), first.weight_layer_names(), probe_loss, float(cfg.optim.lr))
+    probes = build_probes(cfg.get("metrics"), first.weight_layer_names(), probe_loss, float(cfg.optim.lr),
+                          first.weight_group_names())
     container = OmegaConf.to_container(cfg, resolve=True)
     logger = make_logger(cfg.get("logger"), run_dir, container, resume_id=prior.get("wandb_run") if resume else None)
     info = prior

@@ -87,8 +87,9 @@ def manual_update(kind: str, opt: torch.optim.Optimizer, param: nn.Parameter, g:
     return base - lr * mhat / (vhat.sqrt() + eps)
 
 
-def reference_ics(kind, model, opt, batch, layers):
+def reference_ics(kind, model, opt, batch, layers, groups=None):
     """Slow obvious G and G': deep copies, manual updates, ordinary loss.backward()."""
+    groups = layers if groups is None else groups
     rng = torch.get_rng_state()
     m0 = copy.deepcopy(model)
     torch.set_rng_state(rng)
@@ -100,7 +101,7 @@ def reference_ics(kind, model, opt, batch, layers):
     for i, layer in enumerate(layers):
         mi = copy.deepcopy(model)
         with torch.no_grad():
-            for prev in layers[:i]:
+            for prev in groups[:i]:
                 for n, p in mi.get_submodule(prev).named_parameters():
                     p.copy_(new[f"{prev}.{n}"])
         torch.set_rng_state(rng)
@@ -111,6 +112,36 @@ def reference_ics(kind, model, opt, batch, layers):
         rows.append(((G - Gp).norm().item(), (G @ Gp / (G.norm() * Gp.norm())).item(), G.norm().item()))
     torch.set_rng_state(rng)
     return rows
+
+
+def blocked_bn_net() -> nn.Sequential:
+    """Blocks (Linear, BN, ReLU) then a head: the layout of icsk's model zoo."""
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.ReLU()),
+                         nn.Sequential(nn.Linear(12, 10), nn.BatchNorm1d(10), nn.ReLU()),
+                         nn.Linear(10, 3)).double()
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_groups_move_the_whole_earlier_block(kind):
+    """With groups, G' of layer i sees every earlier block at w_{t+1}, BN affine parameters included."""
+    model = blocked_bn_net()
+    opt = make_opt(kind, model)
+    train_steps(model, opt, 3)
+    batch = make_batch(seed=98)
+    layers, groups = ["0.0", "1.0", "2"], ["0", "1", "2"]
+    got = gradient_ics(model, ce_loss, batch, opt, layers, groups=groups)
+    want = reference_ics(kind, model, opt, batch, layers, groups)
+    for (l2, cos, gn), row in zip(want, got.itertuples(), strict=True):
+        assert_close(row.grad_norm, gn, rtol=1e-10, atol=1e-12)
+        assert_close(row.l2, l2, rtol=1e-7, atol=1e-12)
+        assert_close(row.cos, cos, rtol=1e-10, atol=1e-12)
+    without = gradient_ics(model, ce_loss, batch, opt, layers)  # BN's gamma/beta stay at w_t
+    assert abs(without.l2.iloc[1] - got.l2.iloc[1]) > 1e-6 * got.l2.iloc[1]
+    with pytest.raises(ValueError, match="must contain its layer"):
+        gradient_ics(model, ce_loss, batch, opt, layers, groups=["1", "0", "2"])
+    with pytest.raises(ValueError, match="one module per layer"):
+        gradient_ics(model, ce_loss, batch, opt, layers, groups=["0", "1"])
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adam", "adamw"])

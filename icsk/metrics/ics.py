@@ -176,6 +176,18 @@ def _layer_params(model: nn.Module, layers: Sequence[str]) -> list[list[str]]:
     return out
 
 
+def _group_params(model: nn.Module, layers: Sequence[str], groups: Sequence[str],
+                  per_layer: Sequence[Sequence[str]]) -> list[list[str]]:
+    """Full names of the trainable parameters of each group (one per layer, containing it, disjoint)."""
+    if len(groups) != len(layers):
+        raise ValueError(f"groups must name one module per layer: {len(groups)} groups for {len(layers)} layers")
+    out = _layer_params(model, groups)
+    for layer, group, inner, names in zip(layers, groups, per_layer, out, strict=True):
+        if not set(inner) <= set(names):
+            raise ValueError(f"group {group!r} must contain its layer {layer!r} (e.g. the block the layer is in)")
+    return out
+
+
 _SHARED_ATTRS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
                  "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
                  "_optimizer_load_state_dict_post_hooks")
@@ -235,18 +247,23 @@ def gradient_ics(
     optimizer: torch.optim.Optimizer,
     layers: Sequence[str],
     *,
+    groups: Sequence[str] | None = None,
     train: bool = True,
 ) -> pd.DataFrame:
     """Santurkar's gradient ICS of each layer: rows ``layer, l2, cos, grad_norm``.
 
     ``layers``: module names in forward order; W_i = all trainable parameters of module i
-    (weight and bias, flattened together). Parameters outside the listed modules (e.g. BN
-    affine parameters of a ``block{i}.linear`` layer list) stay at w_t in G'; list the enclosing
-    block to move them with their layer. Call at w_t before the training step; model,
-    buffers, ``.grad``, optimizer state and RNG are left exactly as found. ``train``: run the
-    probe forwards in training mode (modes restored afterwards); False keeps the current modes.
+    (weight and bias, flattened together), the parameters G and G' are taken of.
+    ``groups``: optional module names, one per layer, each containing its layer: the
+    parameters that move to w_{t+1} as "layer i" in G' of the layers after it (default: the
+    layers themselves). Parameters in no group stay at w_t, so with ``layers`` =
+    ``block{i}.linear`` the BN affine parameters between them move only if
+    ``groups`` = ``block{i}``. Call at w_t before the training step; model, buffers, ``.grad``,
+    optimizer state and RNG are left exactly as found. ``train``: run the probe forwards in
+    training mode (modes restored afterwards); False keeps the current modes.
     Closure-based optimizers (LBFGS) are not supported."""
     per_layer = _layer_params(model, layers)
+    per_group = per_layer if groups is None else _group_params(model, layers, groups, per_layer)
     trainable = _trainable(model)
     named = dict(model.named_parameters())
     with _probe_context(model, train) as rng:
@@ -263,7 +280,7 @@ def gradient_ics(
             if i == 0:
                 Gp = G  # nothing precedes layer 1: G' is G by definition
             else:
-                for n in per_layer[i - 1]:
+                for n in per_group[i - 1]:
                     params[n] = updated[n]
                 _, Gp = ev.grad(params, names)
             gg, pp, gp = _dot(G, G), _dot(Gp, Gp), _dot(G, Gp)

@@ -83,6 +83,10 @@ class TapNet(nn.Module):
         """Every weight layer, in order: the block layers, then ``head``."""
         return self.block_layer_names() + ["head"]
 
+    def weight_group_names(self) -> list[str]:
+        """The module each weight layer belongs to, in order: its block (normalizer included), then ``head``."""
+        return [n for n, _ in self.blocks()] + ["head"]
+
     def norm_names(self) -> list[str]:
         """Names of the normalizer modules (``block{i}.norm``), in order."""
         return [f"{n}.norm" for n, _ in self.blocks()]
