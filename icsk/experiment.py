@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import random
 import re
 import shlex
@@ -27,7 +28,7 @@ from . import metrics as M
 from .config import flatten
 from .data import BatchStream, DataBundle, get_dataset, probe_batch
 from .hooks import Recorder
-from .log import make_logger
+from .log import hydra_job_info, make_logger, run_identity
 from .models import make_pair, uses_batch_statistics
 from .schedule import Schedule
 from .store import chunk_files, read_json, write_json_atomic
@@ -291,6 +292,24 @@ def _drop_rows_without_checkpoint(run_dir: Path) -> None:
         p.unlink()
 
 
+def _requeued(status_path: Path) -> bool:
+    """Whether this is a submitit job (SLURM or local) started again after an interruption: the
+    launcher resubmits it with its first overrides, so without resume=true; its run.json says
+    interrupted (or running, after a hard kill)."""
+    in_submitit = any(k in os.environ for k in ("SUBMITIT_EXECUTOR", "SUBMITIT_LOCAL_JOB_ID"))
+    return in_submitit and status_path.exists() and read_json(status_path).get("status") in ("interrupted", "running")
+
+
+def _check_intervals(tcfg: DictConfig) -> None:
+    """``train.steps`` >= 0, ``log_every`` >= 1, ``eval_every`` and ``checkpoint_every`` >= 0 (0 = off)."""
+    lows = {"steps": 0, "log_every": 1, "eval_every": 0, "checkpoint_every": 0}
+    for key, low in lows.items():
+        value = tcfg.get(key, low)
+        if value is None or int(value) < low:
+            raise ConfigError(f"train.{key} must be an integer >= {low}" + (" (0 turns it off)" if low == 0 and key != "steps"
+                                                                            else "") + f", got {value}")
+
+
 # exceptions a cluster's launcher raises in the job when it stops it, by class name (the launcher
 # may not be importable here): submitit's at a SLURM time-out it does not requeue
 CLUSTER_INTERRUPTIONS = ("UncompletedJobError",)
@@ -392,29 +411,30 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     resume = bool(cfg.get("resume", False))
     status_path = run_dir / "run.json"
     if not resume and (run_dir / "arms").exists():
-        raise ConfigError(f"{run_dir} already holds a run; pass resume=true to continue it or choose a new folder")
+        if not _requeued(status_path):
+            raise ConfigError(f"{run_dir} already holds a run; pass resume=true to continue it or choose a new folder")
+        log.warning("%s: a cluster job requeued after an interruption; resuming the run", run_dir)
+        resume = True
     prior: dict[str, Any] = read_json(status_path) if (resume and status_path.exists()) else {}
     if resume:
         _check_resume_config(cfg, run_dir, prior.get("overrides"), overrides)
+        if prior.get("status") == "finished":
+            log.warning("%s finished already; nothing to resume", run_dir)
+            return prior
     # everything that can refuse the config runs before the folder is written to
     seed_everything(int(cfg.seed))
     device = resolve_device(str(cfg.device))
+    _check_intervals(cfg.train)
     bundle = load_data(cfg)
     models = build_arms_models(cfg, bundle)
     probe_at, probe = _probe_plan(cfg, bundle, models)
-    if resume and not Checkpointer(run_dir).exists():
-        _drop_rows_without_checkpoint(run_dir)
-    if not (resume and (run_dir / "config.yaml").exists()):  # a resumed run keeps the config it started with
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     steps = int(cfg.train.steps)
     criterion = make_criterion(bundle.task)
     arms: list[Arm] = []
     for name, model in models.items():
         model.to(device)
         opt = build_optimizer(cfg.optim, model.parameters())
-        rec = build_recorder(cfg.recorder, model, run_dir / "arms" / name)
-        if rec is None:
-            (run_dir / "arms" / name / "stats").mkdir(parents=True, exist_ok=True)
+        rec = build_recorder(cfg.recorder, model, run_dir / "arms" / name)  # writes nothing yet
         arms.append(Arm(name, model, opt, build_scheduler(cfg.optim, opt, steps), rec))
     first = next(iter(models.values()))
     stream = BatchStream(bundle.train, cfg.data.batch_size, seed=int(cfg.seed), device=device)
@@ -425,14 +445,25 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     probes = build_probes(cfg.get("metrics"), first.weight_layer_names(), probe_loss, float(cfg.optim.lr),
                           first.weight_group_names())
     container = OmegaConf.to_container(cfg, resolve=True)
-    logger = make_logger(cfg.get("logger"), run_dir, container, resume_id=prior.get("wandb_run") if resume else None)
+    # wandb's group, tags and name come from the first attempt (a resume runs outside the sweep)
+    identity = prior.get("wandb_identity") or run_identity(cfg.get("logger"), hydra_job_info())
+    logger = make_logger(cfg.get("logger"), run_dir, container, resume_id=prior.get("wandb_run") if resume else None,
+                         identity=identity)
+    # the config is accepted: from here on the folder is written to
+    if resume and not Checkpointer(run_dir).exists():
+        _drop_rows_without_checkpoint(run_dir)
+    if not (resume and (run_dir / "config.yaml").exists()):  # a resumed run keeps the config it started with
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    for name in models:
+        (run_dir / "arms" / name / "stats").mkdir(parents=True, exist_ok=True)
     info = prior
     info.pop("error", None)  # an earlier attempt's failure is not this one's
     info.setdefault("overrides", None if overrides is None else [str(o) for o in overrides])
     info.update({"name": str(cfg.get("name", "run")), "status": "running", "started": info.get("started", _now()),
                  "device": str(device), "steps": steps, "arms": {},
                  # an attempt without wandb (logger=none) keeps the id for the next one that has it
-                 "wandb_run": logger.run_id or info.get("wandb_run")})
+                 "wandb_run": logger.run_id or info.get("wandb_run"),
+                 "wandb_identity": identity if logger.run_id else info.get("wandb_identity")})
     write_json_atomic(status_path, info)
     eval_bs = int(cfg.train.get("eval_batch_size", 1000))
     progress = tqdm(total=steps, desc=f"{info['name']} [{','.join(models)}]", unit="step", mininterval=1.0,

@@ -206,13 +206,16 @@ class WandbLogger(NullLogger):
             run.finish(exit_code=exit_code)
 
 
-def make_logger(cfg: Any, run_dir: Path, config: dict[str, Any], resume_id: str | None = None) -> NullLogger:
+def make_logger(cfg: Any, run_dir: Path, config: dict[str, Any], resume_id: str | None = None,
+                identity: dict[str, Any] | None = None) -> NullLogger:
     """Logger from the ``logger`` config group (``name: wandb|none``).
 
     ``mode=disabled`` (or ``logger=none``) logs nothing and writes nothing. In a Hydra multirun
     the sweep shapes group, tags and name (see :func:`run_identity`). ``resume_id``: the wandb
     run of an earlier attempt of this run, continued instead of starting another one (it then
-    holds the steps between the checkpoint and the interruption twice; readers keep the last)."""
+    holds the steps between the checkpoint and the interruption twice; readers keep the last).
+    ``identity``: group, job_type, tags and name to use instead of :func:`run_identity`'s (a
+    resumed sweep job keeps those of its first attempt)."""
     name = str(cfg.get("name", "none")) if cfg is not None else "none"
     if name == "none":
         return NullLogger()
@@ -222,7 +225,7 @@ def make_logger(cfg: Any, run_dir: Path, config: dict[str, Any], resume_id: str 
     if mode == "disabled":
         return NullLogger()
     job = hydra_job_info()
-    ident = run_identity(cfg, job)
+    ident = identity or run_identity(cfg, job)
     config = dict(config)
     if job is not None:
         config.setdefault("hydra", job)

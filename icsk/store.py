@@ -82,9 +82,7 @@ class ChunkWriter:
 
     def __init__(self, folder: str | os.PathLike, background: bool = False):
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        existing = [int(m.group(1)) for p in self.folder.glob(CHUNK_GLOB) if (m := _CHUNK_RE.search(p.name))]
-        self._next = max(existing, default=-1) + 1
+        self._next: int | None = None  # the folder is created and numbered at the first write
         self._pool = background_pool("icsk-writer") if background else None
         self._pending: Future | None = None
 
@@ -93,6 +91,10 @@ class ChunkWriter:
 
         ``table`` may be a function that builds the table (run on the writer thread), and
         ``before`` a function run just before writing (e.g. a sidecar the chunk relies on)."""
+        if self._next is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            existing = [int(m.group(1)) for p in self.folder.glob(CHUNK_GLOB) if (m := _CHUNK_RE.search(p.name))]
+            self._next = max(existing, default=-1) + 1
         path = self.folder / f"chunk-{self._next:06d}.parquet"
         self._next += 1
         if self._pool is None:

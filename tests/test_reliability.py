@@ -185,6 +185,61 @@ def test_a_requeue_exit_closes_the_run_as_interrupted(tmp_path, monkeypatch):
     assert info["status"] == "interrupted" and info["arms"]["bn"]["last_step"] == 4
 
 
+def test_a_requeued_submitit_job_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    """submitit resubmits a pre-empted job with its first overrides (no resume=true): the job sees
+    its own interrupted run and continues it, ending as the uninterrupted run does."""
+    import icsk.experiment as experiment
+
+    real_step = experiment.Trainer.train_step
+
+    def train_step(self, *a, **k):
+        if self.step == 13:
+            raise SystemExit(-1)  # submitit's exit on pre-emption
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(experiment.Trainer, "train_step", train_step)
+    with pytest.raises(SystemExit):
+        job(tmp_path / "cut", "train.checkpoint_every=10", steps=20)
+    monkeypatch.setattr(experiment.Trainer, "train_step", real_step)
+    with pytest.raises(ConfigError, match="already holds a run"):  # outside submitit: refused as before
+        job(tmp_path / "cut", "train.checkpoint_every=10", steps=20)
+    monkeypatch.setenv("SUBMITIT_LOCAL_JOB_ID", "123")
+    info = job(tmp_path / "cut", "train.checkpoint_every=10", steps=20)
+    assert info["status"] == "finished"
+    monkeypatch.delenv("SUBMITIT_LOCAL_JOB_ID")
+    job(tmp_path / "whole", "train.checkpoint_every=10", steps=20)
+    for a, b in zip(frames(tmp_path / "cut"), frames(tmp_path / "whole"), strict=True):
+        pd.testing.assert_frame_equal(a, b, check_exact=True)
+
+
+def test_resuming_a_finished_run_leaves_it_alone(tmp_path):
+    """resume=true over a whole sweep must not retrain (or wipe) the jobs that finished."""
+    job(tmp_path, steps=10)  # checkpoint_every=0: a resume would otherwise train again from step 0
+    before = frames(tmp_path)
+    chunks = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("chunk-*.parquet")}
+    info = job(tmp_path, "resume=true", steps=10)
+    assert info["status"] == "finished"
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("chunk-*.parquet")} == chunks  # not rewritten
+    for a, b in zip(before, frames(tmp_path), strict=True):
+        pd.testing.assert_frame_equal(a, b, check_exact=True)
+
+
+@pytest.mark.parametrize("bad", ["logger=wandb logger.mode=ofline", "optim.lr=0", "optim.schedule=cosin",
+                                 "recorder.stats=[varr]", "train.eval_every=-1", "train.checkpoint_every=-5",
+                                 "train.log_every=0"])
+def test_a_refused_config_writes_nothing_and_a_refused_resume_deletes_nothing(tmp_path, bad):
+    with pytest.raises(ValueError, match=bad.split()[-1].split("=")[0].split(".")[-1].rstrip("s")):
+        job(tmp_path / "new", *bad.split(), steps=2)
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) in ([], ["wandb"])
+    job(tmp_path / "done", steps=4)  # no checkpoint: a resume would train again from step 0
+    (tmp_path / "done" / "run.json").write_text(
+        (tmp_path / "done" / "run.json").read_text().replace('"finished"', '"interrupted"'))
+    chunks = sorted(p.name for p in (tmp_path / "done").rglob("chunk-*.parquet"))
+    with pytest.raises(ValueError):
+        job(tmp_path / "done", "resume=true", *bad.split(), steps=4)
+    assert sorted(p.name for p in (tmp_path / "done").rglob("chunk-*.parquet")) == chunks
+
+
 def test_resume_clears_the_earlier_attempts_error(tmp_path):
     job(tmp_path, steps=10)
     info = json.loads((tmp_path / "run.json").read_text())

@@ -238,8 +238,11 @@ def test_resume_continues_the_wandb_run_and_readers_keep_the_resumed_values(tmp_
         return real_step(self, *a, **kw)
 
     monkeypatch.setattr(experiment.Trainer, "train_step", train_step)
+    sweep_job = {"mode": "multirun", "sweep_id": "sw1", "num": 3, "override_dirname": "seed=3"}
+    monkeypatch.setattr(experiment, "hydra_job_info", lambda: sweep_job)  # the first attempt is a sweep job
     with pytest.raises(KeyboardInterrupt):
         run(tiny_cfg(*cfg), tmp_path)
+    monkeypatch.setattr(experiment, "hydra_job_info", lambda: None)  # resumed alone, outside the sweep
     first_id = json.loads((tmp_path / "run.json").read_text())["wandb_run"]
     with pytest.raises(KeyboardInterrupt):  # an attempt without wandb keeps the id for the next one
         run(tiny_cfg(*(c for c in cfg if not c.startswith("logger.")), "resume=true", "logger=none"), tmp_path)
@@ -249,6 +252,8 @@ def test_resume_continues_the_wandb_run_and_readers_keep_the_resumed_values(tmp_
     assert info["wandb_run"] == first_id
     wb = read_offline_run(tmp_path, wait=30)
     assert len(wb["attempts"]) == 2 and wb["run_id"] == info["wandb_run"] and wb["exit_code"] == 0
+    # the resumed job stays in its sweep's group, with its tag and name
+    assert (wb["group"], wb["name"]) == ("demo-sw1", "3:seed=3") and "sweep:sw1" in wb["tags"]
     got = history_to_metrics(wb["history_rows"])
     got = got[got.metric == "loss"].sort_values(["arm", "step"]).reset_index(drop=True)
     want = read_metrics(tmp_path)
