@@ -31,10 +31,10 @@ from torch import nn
 from .background import background_pool
 from .schedule import Schedule
 from .stats import ALL_STATS, DEFAULT_STATS, Reducer, StatSpec
-from .store import (ChunkWriter, hist_edges_of, last_recorded_step, names_matching, read_histograms, read_recorder_meta,
+from .store import (ChunkWriter, FolderBusyError, FolderLease, hist_edges_of, last_recorded_step, names_matching, read_histograms, read_recorder_meta,
                     read_stats, values_column, write_json_atomic)
 
-LayerSelector = str | type | Callable[[str, nn.Module], bool]
+LayerSelector = str | type | nn.Module | Callable[[str, nn.Module], bool]
 MODES = ("train", "eval")  # recorded by the module's training flag; "probe" inside Recorder.probe()
 PROBE = "probe"
 
@@ -44,7 +44,8 @@ class RecorderError(ValueError):
 
 
 def select_layers(model: nn.Module, layers: LayerSelector | Sequence[LayerSelector] | None) -> dict[str, nn.Module]:
-    """Resolve selectors (exact names, glob patterns, module types, predicates) to named modules.
+    """Resolve selectors (exact names, glob patterns, module types, module instances, predicates)
+    to named modules.
 
     ``None`` selects every Linear and Conv layer. A selector matching nothing raises
     RecorderError listing the nearest valid names."""
@@ -52,7 +53,7 @@ def select_layers(model: nn.Module, layers: LayerSelector | Sequence[LayerSelect
     named.pop("", None)
     if layers is None:
         layers = [_is_linear_or_conv]
-    elif isinstance(layers, (str, type)) or callable(layers) and not isinstance(layers, Sequence):
+    elif isinstance(layers, (str, type, nn.Module)) or callable(layers) and not isinstance(layers, Sequence):
         layers = [layers]
     elif not isinstance(layers, Iterable):
         raise RecorderError(f"layers={layers!r} is not a name, glob, nn.Module type, predicate(name, module) "
@@ -67,10 +68,13 @@ def select_layers(model: nn.Module, layers: LayerSelector | Sequence[LayerSelect
             hits = names_matching(sel, named)
         elif isinstance(sel, type) and issubclass(sel, nn.Module):
             hits = [n for n, m in named.items() if isinstance(m, sel)]
+        elif isinstance(sel, nn.Module):  # a module instance: itself, under its first name
+            hits = [n for n, m in named.items() if m is sel][:1]
         elif callable(sel):
             hits = [n for n, m in named.items() if sel(n, m)]
         else:
-            raise RecorderError(f"layer selector {sel!r} is not a name, glob, nn.Module type or predicate(name, module)")
+            raise RecorderError(f"layer selector {sel!r} is not a name, glob, nn.Module type, module or "
+                                "predicate(name, module)")
         if not hits:
             raise RecorderError(_no_match_message(sel, list(named)))
         for n in hits:
@@ -91,6 +95,9 @@ def _no_match_message(sel: Any, names: list[str]) -> str:
     if isinstance(sel, str):
         near = difflib.get_close_matches(sel, names, n=5, cutoff=0.3) or names[:5]
         return f"layer {sel!r} matches no module of the model; nearest valid names: {near}"
+    if isinstance(sel, nn.Module):
+        return (f"the {type(sel).__name__} passed in layers is not a submodule of this model (a copy?); "
+                f"pass one of its modules or its name, e.g. one of {names[:8]}")
     kind = sel.__name__ if isinstance(sel, type) else "predicate"
     return f"layer selector {kind} matches no module of the model; module names start with: {names[:8]}"
 
@@ -189,6 +196,46 @@ class _LayerState:
         self.slots = self.buffers[active][1] if self.buffers else None
 
 
+def _inert_hook(*args: Any, **kwargs: Any) -> None:
+    """What a Recorder's hook becomes in a copy of the model (deepcopy, pickle): nothing."""
+
+
+@torch.compiler.disable
+def _on_forward_eagerly(recorder: Recorder, *args: Any) -> None:
+    recorder._on_forward(*args)
+
+
+class _Hook:
+    """A Recorder's forward (pre-)hook on one module. It records only that module (a copy of the
+    model, e.g. an EMA or a snapshot, is not recorded as the original); copies and pickles of
+    the model carry an inert hook instead; under torch.compile it runs eagerly, outside the
+    graph (tracing it would guard on the Recorder's state and recompile at every step)."""
+
+    __slots__ = ("recorder", "name", "module")
+
+    def __init__(self, recorder: Recorder, name: str, module: nn.Module):
+        self.recorder, self.name, self.module = recorder, name, module
+
+    def __call__(self, module: nn.Module, args: tuple, rest: Any) -> None:
+        # output hook: (module, args, output); input hook with kwargs: (module, args, kwargs)
+        if module is not self.module or self.recorder._paused:
+            return
+        if torch.compiler.is_compiling():
+            _on_forward_eagerly(self.recorder, self.name, module, args, rest)
+        else:
+            self.recorder._on_forward(self.name, module, args, rest)
+
+    def __deepcopy__(self, memo: dict) -> Callable[..., None]:
+        return _inert_hook
+
+    def __reduce__(self) -> tuple:
+        return (_inert_factory, ())
+
+
+def _inert_factory() -> Callable[..., None]:
+    return _inert_hook
+
+
 class Recorder:
     """Records per-unit activation statistics of chosen layers of any ``nn.Module``.
 
@@ -197,7 +244,7 @@ class Recorder:
 
     Args:
         model: the network.
-        layers: module names, glob patterns (``"block*.pre_act"``), module types, or a
+        layers: module names, glob patterns (``"block*.pre_act"``), module types, modules, or a
             predicate ``(name, module) -> bool``; a list mixes them. Default: Linear and Conv.
         capture: ``"output"`` (default) or ``"input"`` (first positional argument).
         stats: any of ``mean, var, min, max, quantiles, frac_sat, frac_zero, nonfinite, hist``.
@@ -287,6 +334,7 @@ class Recorder:
         self.path = Path(path)
         self.stats_dir = self.path / "stats"
         self._writer = ChunkWriter(self.stats_dir, background=True)
+        self._lease = FolderLease(self.stats_dir)  # held while entered: one Recorder per path at a time
         self._reducer = Reducer(self.spec)  # large layers, inside the hook
         self._stage_reducer = Reducer(self.spec, threads=1)  # staged layers, on the single-threaded reducer thread
         self._reduce_pool = background_pool("icsk-reduce")
@@ -302,6 +350,10 @@ class Recorder:
 
     # ------------------------------------------------------------------ hooks
     def __enter__(self) -> Recorder:
+        try:
+            self._lease.acquire()
+        except FolderBusyError as e:
+            raise RecorderError(str(e)) from None
         self._entered = True
         self._sync_hooks()
         return self
@@ -310,7 +362,8 @@ class Recorder:
         self.close()
 
     def attach(self) -> Recorder:
-        """Attach hooks (same as entering the context)."""
+        """Attach hooks (same as entering the context); pair it with :meth:`close`, which writes
+        what is pending."""
         return self.__enter__()
 
     def remove(self) -> None:
@@ -323,7 +376,10 @@ class Recorder:
         """Remove hooks and flush everything recorded to the run folder. Idempotent."""
         self._entered = False
         self.remove()
-        self.flush(wait=True)
+        try:
+            self.flush(wait=True)
+        finally:
+            self._lease.release()
 
     @property
     def attached(self) -> bool:
@@ -339,25 +395,27 @@ class Recorder:
 
     def _attach_hooks(self) -> None:
         for name, mod in self.layers.items():
+            hook = _Hook(self, name, mod)
             if self.capture == "output":
-                h = mod.register_forward_hook(self._make_output_hook(name))
+                h = mod.register_forward_hook(hook)
             else:
-                h = mod.register_forward_pre_hook(self._make_input_hook(name))
+                h = mod.register_forward_pre_hook(hook, with_kwargs=True)
             self._handles.append(h)
 
-    def _make_output_hook(self, name: str):
-        def hook(module, args, output):
-            if not self._paused:
-                self._capture(name, module, output)
-        return hook
-
-    def _make_input_hook(self, name: str):
-        def hook(module, args):
-            if not self._paused:
-                if not args:
-                    raise RecorderError(f"layer {name!r} was called without positional input; use capture='output'")
-                self._capture(name, module, args[0])
-        return hook
+    def _on_forward(self, name: str, module: nn.Module, args: tuple, rest: Any) -> None:
+        """A hooked module ran: capture its output (``rest``), or its input (first positional
+        argument, else the only keyword argument; ``rest`` holds the keyword arguments)."""
+        if self.capture == "output":
+            self._capture(name, module, rest)
+            return
+        kwargs = rest
+        if args:
+            self._capture(name, module, args[0])
+        elif len(kwargs) == 1:
+            self._capture(name, module, next(iter(kwargs.values())))
+        else:
+            raise RecorderError(f"layer {name!r} was called with keyword inputs {sorted(kwargs)} and no positional "
+                                "one, so capture='input' cannot tell which to record; use capture='output'")
 
     @contextmanager
     def probe(self) -> Iterator[None]:
@@ -392,12 +450,22 @@ class Recorder:
             self._paused -= 1
 
     # ------------------------------------------------------------------ capture
+    def _selected(self, name: str, value: Any) -> Any:
+        """``select`` applied to a non-tensor output: a function, a dict key or attribute name
+        (named tuples, dataclasses), or an index."""
+        sel = self.select
+        try:
+            if callable(sel):
+                return sel(value)
+            if isinstance(sel, str) and not hasattr(value, "keys") and hasattr(value, sel):
+                return getattr(value, sel)
+            return value[sel]
+        except (KeyError, IndexError, TypeError) as e:
+            raise RecorderError(f"layer {name!r}: select={sel!r} failed on its {type(value).__name__} ({e})") from None
+
     def _tensor_of(self, name: str, module: nn.Module, value: Any) -> torch.Tensor:
         if self.select is not None and not isinstance(value, torch.Tensor):
-            try:
-                value = self.select(value) if callable(self.select) else value[self.select]
-            except (KeyError, IndexError, TypeError) as e:
-                raise RecorderError(f"layer {name!r}: select={self.select!r} failed on its {type(value).__name__} ({e})") from None
+            value = self._selected(name, value)
         if not isinstance(value, torch.Tensor):
             hint = "an index (select=0)" if isinstance(value, (tuple, list)) else (
                 "a key (select='name')" if isinstance(value, dict) else "a function (select=lambda out: ...)")
@@ -424,6 +492,8 @@ class Recorder:
         step = self.current_step
         if state.last_step == step:  # record the first forward of a step only
             return
+        if self.select is not None and type(value) is not torch.Tensor:
+            value = self._selected(name, value)
         slots = state.slots
         if (slots is not None and type(value) is torch.Tensor and value.shape == state.shape
                 and value.device == state.device):
@@ -461,7 +531,8 @@ class Recorder:
                 "continue that run")
         prior = read_recorder_meta(self.stats_dir)
         mine = self._meta()
-        differ = [k for k in ("stats", "quantiles", "hist_bins") if k in prior and prior[k] != mine[k]]
+        differ = [k for k in ("capture", "stats", "quantiles", "hist_bins", "sat_threshold", "zero_eps", "channel_dim")
+                  if k in prior and prior[k] != mine[k]]
         if differ:
             raise RecorderError(
                 f"{self.stats_dir} was recorded with " + ", ".join(f"{k}={prior[k]}" for k in differ) + "; this "
@@ -507,6 +578,7 @@ class Recorder:
             raise RecorderError(f"layer {name!r} changed from {state.units} to {c} units between steps")
         state.last_step = self.current_step
         self._reduce_stage(state)  # shape or device changed: reduce what is staged first
+        flats = [st.view(-1) for st, _ in state.buffers]
         state.buffers = []
         state.switch(0)
         m = x4.shape[1] * x4.shape[3]
@@ -518,14 +590,23 @@ class Recorder:
             state.counts.append(m)
             return
         # the activation's own layout [N, C, S...], so staging is a plain copy (a transposing
-        # copy costs ~4x); the reduction reorders it where it needs to (block by block for dense layers)
-        for _ in range(2):  # double buffer: one fills while the other is reduced
-            stage = torch.empty(k, n, c, m // n, dtype=torch.float32, device=x.device)
+        # copy costs ~4x); the reduction reorders it where it needs to (block by block for dense layers).
+        # Two buffers: one fills while the other is reduced. Their pending reductions are kept,
+        # so a shape that changes every step (variable sequence lengths) still waits for the
+        # reducer instead of queueing copies without bound; buffers large enough are reused.
+        need = k * n * c * (m // n)
+        for i in range(2):
+            flat = flats[i] if i < len(flats) and flats[i].device == x.device and flats[i].numel() >= need else None
+            if flat is None:
+                self._await_pending(state, i)  # the old buffer is freed only after its reduction
+                with torch.inference_mode(False):  # staged under inference_mode, it could not be refilled outside
+                    flat = torch.empty(need, dtype=torch.float32, device=x.device)
+            stage = flat[:need].view(k, n, c, m // n)
             state.buffers.append((stage, [stage[i].view(xc.shape) for i in range(k)]))
         state.switch(0)
-        state.pending = [None, None]
         state.shape, state.device = x.shape, x.device
         state.move_units = xc is not x
+        self._await_buffer(state)
         state.slots[0].copy_(xc)
         state.stage_steps.append(self.current_step)
         if k == 1:  # the stage is full already
@@ -573,10 +654,14 @@ class Recorder:
     def _await_buffer(state: _LayerState) -> None:
         """Wait until the active staging buffer's previous reduction is done (before refilling
         it). An interrupted wait leaves it pending, so the next capture waits again."""
-        fut = state.pending[state.active]
+        Recorder._await_pending(state, state.active)
+
+    @staticmethod
+    def _await_pending(state: _LayerState, i: int) -> None:
+        fut = state.pending[i]
         if fut is not None:
             fut.result()
-            state.pending[state.active] = None
+            state.pending[i] = None
 
     # ------------------------------------------------------------------ steps and flushing
     def step(self) -> None:
@@ -644,6 +729,7 @@ class Recorder:
                 "hist_bins": self.spec.hist_bins,
                 "sat_threshold": self.spec.sat_threshold,
                 "zero_eps": self.spec.zero_eps,
+                "channel_dim": self.channel_dim,
                 "schedule": repr(self.schedule),
             }
         )
@@ -667,6 +753,7 @@ class Recorder:
     def __del__(self) -> None:
         try:
             self.remove()
+            self._lease.release()
             if self._tmpdir is not None:
                 shutil.rmtree(self._tmpdir, ignore_errors=True)
         except Exception:

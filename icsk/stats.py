@@ -107,7 +107,8 @@ class Reducer:
         numel = math.prod(shape)
         buf = self._scratch.get(key)
         if buf is None or buf.numel() < numel:
-            buf = torch.empty(numel, dtype=dtype, device=device)
+            with torch.inference_mode(False):  # made under inference_mode, it could not be written outside it
+                buf = torch.empty(numel, dtype=dtype, device=device)
             self._scratch[key] = buf
         return buf[:numel].view(shape)
 

@@ -25,6 +25,10 @@ import fnmatch
 import json
 import os
 import re
+import socket
+import threading
+import uuid
+import warnings
 from concurrent.futures import Future
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -72,6 +76,74 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
         raise RunFolderError(f"{path}: not valid JSON ({e}); the file is corrupt") from None
+
+
+class FolderBusyError(RuntimeError):
+    """A folder another live writer holds: the message names it and the fix."""
+
+
+class FolderLease:
+    """An exclusive claim on a folder by one writer: a ``.writer`` file holding host, pid and a
+    token. A claim whose process is gone (same host, pid not running) is stale and taken over;
+    one from another host cannot be checked and is taken over with a warning (a requeued
+    cluster job may land on another node)."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.path = Path(folder) / ".writer"
+        self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+        self.held = False
+
+    def acquire(self) -> None:
+        """Claim the folder (idempotent); FolderBusyError when a live writer holds it."""
+        if self.held:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and self._alive(holder):
+                    raise FolderBusyError(
+                        f"{self.path.parent} is being written by another writer ({holder}); two writers on one "
+                        f"folder would mix their rows: pass another path (if that process is gone, delete "
+                        f"{self.path})") from None
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(self.token)
+            self.held = True
+            return
+        raise FolderBusyError(f"could not claim {self.path.parent}: {self.path} keeps reappearing")
+
+    def release(self) -> None:
+        """Give the claim up (idempotent); a claim taken over by another writer is left to it."""
+        if self.held:
+            self.held = False
+            if self._holder() == self.token:
+                self.path.unlink(missing_ok=True)
+
+    def _holder(self) -> str | None:
+        try:
+            return self.path.read_text() or None
+        except OSError:
+            return None
+
+    def _alive(self, holder: str) -> bool:
+        host, _, rest = holder.partition(":")
+        pid = rest.partition(":")[0]
+        if host != socket.gethostname():
+            warnings.warn(f"icsk: {self.path} was written by host {host}; taking the folder over", stacklevel=3)
+            return False
+        if not pid.isdigit():
+            return False
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # a live process of another user
+            return True
+        return True
 
 
 class ChunkWriter:
@@ -125,7 +197,7 @@ def _write_chunk(table: pa.Table | Callable[[], pa.Table], path: Path, before: C
         table = table()
     if before is not None:
         before()
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     strings = [f.name for f in table.schema if pa.types.is_string(f.type)]
     # dictionary-encoding the float lists costs ~4x the write; only the id columns gain from it
     pq.write_table(table, tmp, compression="snappy", use_dictionary=strings)

@@ -680,3 +680,205 @@ def test_load_run_filters_across_arms_that_record_different_layers(tmp_path):
     assert set(load_run(tmp_path, layers="2").arm) == {"a", "b"}
     with pytest.raises(ValueError, match=r"layer '1' was not recorded.*\['0', '2'\]"):
         load_run(tmp_path, layers=["1"])
+
+
+# ---------------------------------------------------------------------- user models in the wild
+def test_variable_shapes_keep_staging_memory_bounded_and_numbers_right(monkeypatch):
+    """Sequence lengths that change every step (dynamic padding) restage the layer each step; with a
+    reducer slower than training, the copies must wait for it instead of queueing without bound."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16))
+    rec = icsk.Recorder(model, layers=["0"], stats=["mean", "var"], channel_dim=-1)
+    slow = rec._stage_reducer.reduce_staged
+
+    def reduce_slowly(*a, **k):
+        threading.Event().wait(0.01)
+        return slow(*a, **k)
+
+    monkeypatch.setattr(rec._stage_reducer, "reduce_staged", reduce_slowly)
+    ref, queued = Capture(model[0]), []
+    with rec, torch.no_grad():
+        for step in range(30):
+            model(torch.randn(4, 4 + step % 7, 8))
+            queued.append(rec._reduce_pool._work_queue.qsize())
+            rec.step()
+    ref.h.remove()
+    assert max(queued) <= 2, queued  # one per staging buffer at most
+    df = rec.to_frame()
+    for step in (0, 13, 29):
+        u = ref.values[step].reshape(-1, 16)  # units on the last axis
+        np.testing.assert_allclose(frame_values(df, step, "0", "mean"), u.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(frame_values(df, step, "0", "var"), u.var(0, ddof=1), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("width", [4, 64])  # staged, and reduced inside the hook
+def test_a_first_forward_under_inference_mode_does_not_break_training_forwards(width):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, width, 3, padding=1))
+    rec = icsk.Recorder(model, layers=["0"], stats=["mean", "quantiles"], modes=("train", "eval"),
+                        stage_mb=1)
+    ref = Capture(model[0])
+    xs = [torch.randn(16, 3, 16, 16) for _ in range(3)]
+    with rec:
+        model.eval()
+        with torch.inference_mode():
+            model(xs[0])
+        model.train()
+        for x in xs:
+            model(x).mean().backward()
+            rec.step()
+        model.eval()
+        with torch.no_grad():  # the eval state's buffers were made under inference_mode
+            model(xs[1])
+        rec.step()
+    ref.h.remove()
+    ev = rec.to_frame(mode="eval")
+    np.testing.assert_allclose(frame_values(ev, 3, "0", "mean"), reference(ref.values[4])["mean"], rtol=1e-4, atol=1e-5)
+    df = rec.to_frame()
+    for step, a in enumerate(ref.values[1:4]):  # [0]: the eval forward under inference_mode
+        want = reference(a)
+        for stat in ("mean", "q0.5"):
+            np.testing.assert_allclose(frame_values(df, step, "0", stat), want[stat], rtol=1e-4, atol=1e-5)
+
+
+def test_a_copy_of_the_model_is_not_recorded_and_pickles(tmp_path):
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    rec = icsk.Recorder(model, layers=[model[0]], stats=["mean"])  # a module instance as the selector
+    x = torch.randn(8, 4)
+    want = model(x).detach().double().mean(0).numpy()  # the weights never change here
+    with rec:
+        model(x)
+        rec.step()
+        ema = copy.deepcopy(model)
+        with torch.no_grad():
+            ema[0].bias.fill_(1000.0)
+        for _ in range(2):
+            ema(x)  # first in the step: must not be recorded as the model's
+            model(x)
+            rec.step()
+        clone = pickle.loads(pickle.dumps(model))
+        assert torch.equal(clone(x), model(x))
+    df = rec.to_frame()
+    for step in range(4):  # step 3: the model's forward next to the clone's
+        np.testing.assert_allclose(frame_values(df, step, "0", "mean"), want, rtol=1e-5)
+    ema(x), clone(x)  # the copies' inert hooks do nothing after exit either
+    assert rec.to_frame().step.max() == 3
+    with pytest.raises(icsk.RecorderError, match="not a submodule of this model"):
+        icsk.Recorder(model, layers=[nn.Linear(4, 3)])
+
+
+def test_two_live_recorders_on_one_path_are_refused_and_a_dead_writer_is_taken_over(tmp_path):
+    a, b = nn.Sequential(nn.Linear(4, 2)), nn.Sequential(nn.Linear(4, 2))
+    first = icsk.Recorder(a, layers=["0"], stats=["mean"], path=tmp_path)
+    with first:
+        with pytest.raises(icsk.RecorderError, match="another writer"):
+            with icsk.Recorder(b, layers=["0"], stats=["mean"], path=tmp_path):
+                pass
+        a(torch.randn(5, 4))
+        first.step()
+    assert not (tmp_path / "stats" / ".writer").exists()
+    import socket
+
+    dead = 2**22 + 12345  # above any pid Linux hands out by default
+    (tmp_path / "stats" / ".writer").write_text(f"{socket.gethostname()}:{dead}:x")
+    with icsk.Recorder(b, layers=["0"], stats=["mean"], path=tmp_path, start_step=1) as rec:
+        b(torch.randn(5, 4))
+        rec.step()
+    assert sorted(load_run(tmp_path).step.unique()) == [0, 1]
+
+
+def test_selected_outputs_take_the_fast_path_and_named_tuple_fields(monkeypatch):
+    from collections import namedtuple
+
+    Out = namedtuple("Out", "logits aux")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return Out(self.lin(x), None)
+
+    class Top(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = Net()
+
+        def forward(self, x):
+            return self.net(x).logits
+
+    torch.manual_seed(0)
+    model = Top()
+    rec = icsk.Recorder(model, layers=["net"], stats=["mean"], select="logits")
+    slow_calls = []
+    real = rec._capture_slow
+    monkeypatch.setattr(rec, "_capture_slow", lambda *a: (slow_calls.append(1), real(*a)))
+    ref = Capture(model.net.lin)
+    with rec:
+        for _ in range(20):
+            model(torch.randn(6, 4))
+            rec.step()
+    ref.h.remove()
+    assert len(slow_calls) == 1  # staged after the first step, like a plain tensor output
+    df = rec.to_frame()
+    for step in (0, 19):
+        np.testing.assert_allclose(frame_values(df, step, "net", "mean"), ref.values[step].mean(0), rtol=1e-5)
+
+
+def test_capture_input_given_as_the_only_keyword_argument():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act = nn.Tanh()
+
+        def forward(self, x):
+            return self.act(input=x * 2)
+
+    x = torch.randn(6, 3)
+    with icsk.Recorder(Net(), layers=["act"], stats=["mean"], capture="input") as rec:
+        rec.model(x)
+        rec.step()
+    np.testing.assert_allclose(frame_values(rec.to_frame(), 0, "act", "mean"), (x * 2).double().mean(0).numpy(),
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("change", [{"capture": "input"}, {"sat_threshold": 1.0}, {"channel_dim": -1}])
+def test_continuing_a_path_with_settings_that_change_the_numbers_is_refused(tmp_path, change):
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with icsk.Recorder(model, layers=["1"], path=tmp_path) as rec:
+        model(torch.randn(5, 4))
+        rec.step()
+    with pytest.raises(icsk.RecorderError, match=next(iter(change))):
+        with icsk.Recorder(model, layers=["1"], path=tmp_path, start_step=1, **change) as rec:
+            model(torch.randn(5, 4))
+
+
+def test_torch_compile_runs_the_hooks_eagerly_without_recompiling():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend)
+    xs = [torch.randn(5, 4) for _ in range(12)]
+    with icsk.Recorder(model, layers=["1"], stats=["mean"]) as rec:
+        for step, x in enumerate(xs):
+            compiled(x).sum().backward()  # no optimizer step: the weights stay as they are
+            rec.step()
+            if step == 2:
+                after_warmup = len(graphs)
+    assert len(graphs) == after_warmup  # no recompiles: the hooks' state is not guarded on
+    df = rec.to_frame()
+    with torch.no_grad():
+        for step in (0, 11):
+            want = model[1](model[0](xs[step])).double().mean(0).numpy()
+            np.testing.assert_allclose(frame_values(df, step, "1", "mean"), want, rtol=1e-5)
