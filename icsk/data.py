@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -45,14 +46,18 @@ _MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-imag
 _CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
 
 
+def _expected(folder: Path, files: tuple[str, ...], root: Path) -> str:
+    """``[paths relative to root] under <root>``: the files a dataset reads."""
+    return f"{[str(folder.relative_to(root) / f) for f in files]} under {root.resolve()}"
+
+
 def _require(name: str, folder: Path, files: tuple[str, ...], root: Path) -> None:
     missing = [f for f in files if not (folder / f).is_file()]
     if missing:
-        expected = [str(folder.relative_to(root) / f) for f in files]
         raise DatasetNotFoundError(
-            f"{name}: files {missing} not found in folder {folder.resolve()}; expected {expected} under "
-            f"{root.resolve()}. Get them with data.download=true (needs internet), or copy the files there "
-            f"(or point data.root at a folder that has them).")
+            f"{name}: files {missing} not found in folder {folder.resolve()}; expected "
+            f"{_expected(folder, files, root)}. Get them with data.download=true (needs internet), or copy the "
+            f"files there (or point data.root at a folder that has them).")
 
 
 def _images_to_tensor(images: torch.Tensor, name: str, flatten: bool, standardize: bool) -> torch.Tensor:
@@ -70,12 +75,13 @@ def _bundle(name: str, xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Tensor, 
                       name, dict(meta))
 
 
-def _download(name: str, fn: Callable[[], Any], folder: Path) -> None:
+def _download(name: str, fn: Callable[[], Any], folder: Path, files: tuple[str, ...], root: Path) -> None:
     try:
         fn()
     except (OSError, RuntimeError) as e:
-        raise DatasetNotFoundError(f"{name}: download into {folder.resolve()} failed ({e}); copy the files there "
-                                   f"by hand instead") from e
+        raise DatasetNotFoundError(f"{name}: download into {folder.resolve()} failed ({e}); copy the files there by "
+                                   f"hand instead: expected {_expected(folder, files, root)} (or point data.root at a "
+                                   f"folder that has them, with data.download=false)") from e
 
 
 def _mnist_like(name: str, cls_name: str, root: str | os.PathLike, download: bool, flatten: bool,
@@ -86,7 +92,7 @@ def _mnist_like(name: str, cls_name: str, root: str | os.PathLike, download: boo
     root = Path(root).expanduser()
     folder = root / cls_name / "raw"
     if download:
-        _download(name, lambda: cls(str(root), train=True, download=True), folder)
+        _download(name, lambda: cls(str(root), train=True, download=True), folder, _MNIST_FILES, root)
     _require(name, folder, _MNIST_FILES, root)
     parts = []
     for train in (True, False):
@@ -127,7 +133,7 @@ def cifar10(root: str | os.PathLike = "data", download: bool = False, flatten: b
     root = Path(root).expanduser()
     folder = root / "cifar-10-batches-py"
     if download:
-        _download("cifar10", lambda: cls(str(root), train=True, download=True), folder)
+        _download("cifar10", lambda: cls(str(root), train=True, download=True), folder, _CIFAR_FILES, root)
     _require("cifar10", folder, _CIFAR_FILES, root)
     parts = []
     for train in (True, False):
@@ -201,12 +207,21 @@ DATASETS: dict[str, Callable[..., DataBundle]] = {
 }
 
 
-def get_dataset(name: str, root: str | os.PathLike = "data", download: bool = False, **kw: Any) -> DataBundle:
-    """Load dataset ``name`` from the registry; files are looked up under ``root`` and fetched only if ``download``."""
+def _loader(name: str) -> Callable[..., DataBundle]:
     key = str(name).lower().replace("-", "_")
     if key not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid: {sorted(DATASETS)}")
-    bundle = DATASETS[key](root=root, download=download, **kw)
+    return DATASETS[key]
+
+
+def dataset_options(name: str) -> list[str]:
+    """Options dataset ``name`` takes (``data.options``): its loader's keywords other than root and download."""
+    return [p for p in inspect.signature(_loader(name)).parameters if p not in ("root", "download")]
+
+
+def get_dataset(name: str, root: str | os.PathLike = "data", download: bool = False, **kw: Any) -> DataBundle:
+    """Load dataset ``name`` from the registry; files are looked up under ``root`` and fetched only if ``download``."""
+    bundle = _loader(name)(root=root, download=download, **kw)
     if len(bundle.train) == 0:
         raise ValueError(f"dataset {name!r} has an empty training split")
     return bundle

@@ -7,13 +7,14 @@ Python with an OmegaConf config composed by :func:`icsk.config.compose`.
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import logging
 import os
 import random
 import re
 import shlex
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,10 @@ from tqdm.auto import tqdm
 
 from . import metrics as M
 from .config import flatten
-from .data import BatchStream, DataBundle, get_dataset, probe_batch
+from .data import BatchStream, DataBundle, dataset_options, get_dataset, probe_batch
 from .hooks import Recorder
 from .log import hydra_job_info, make_logger, run_identity
-from .models import make_pair, uses_batch_statistics
+from .models import make_pair, model_options, uses_batch_statistics
 from .schedule import Schedule
 from .store import chunk_files, read_json, write_json_atomic
 from .train import Arm, Checkpointer, Probe, Trainer
@@ -49,9 +50,16 @@ def resolve_device(name: str) -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"device={name!r} is not a device torch knows; use device=auto (cuda when available, "
+                          "else mps, else cpu), cpu, cuda, cuda:N (GPU number N) or mps") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={name!r} but CUDA is not available here; use device=auto or device=cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device={name!r} but this machine has {torch.cuda.device_count()} GPU(s); use "
+                          f"device=cuda (the first) or cuda:N with N < {torch.cuda.device_count()}")
     return dev
 
 
@@ -81,9 +89,19 @@ def _plain(node: Any) -> dict[str, Any]:
     return dict(OmegaConf.to_container(node, resolve=True)) if OmegaConf.is_config(node) else dict(node)
 
 
+def _check_options(key: str, given: dict[str, Any], valid: Sequence[str], owner: str) -> None:
+    """ConfigError naming each ``<key>.<name>`` of ``given`` that is not in ``valid``, and the valid names."""
+    bad = [k for k in given if k not in valid]
+    if bad:
+        hint = "".join(f" (did you mean {key}.{m[0]}?)" for k in bad if (m := difflib.get_close_matches(k, valid, n=1)))
+        raise ConfigError(f"unknown {', '.join(f'{key}.{k}' for k in bad)} for {owner}{hint}: remove it or use a "
+                          f"valid {key} name: {', '.join(valid) or '(none)'}")
+
+
 def load_data(cfg: DictConfig) -> DataBundle:
     """The dataset of ``cfg.data``, flattened for fully connected models."""
     kw = _plain(cfg.data.get("options"))
+    _check_options("data.options", kw, dataset_options(cfg.data.name), f"data={cfg.data.name}")
     if cfg.data.name != "gaussian":
         kw.setdefault("flatten", cfg.model.name in ("mlp", "dln"))
     else:
@@ -96,6 +114,10 @@ def build_arms_models(cfg: DictConfig, bundle: DataBundle) -> dict[str, nn.Modul
     """Paired models (identical shared initial weights), sized for the data."""
     m = cfg.model
     kw: dict[str, Any] = _plain(m.get("options"))
+    _check_options("model.options", kw, model_options(m.name), f"model={m.name}")
+    if m.name in ("mlp", "vgg", "cnn") and bundle.task == "regression":
+        raise ConfigError(f"data={bundle.name} is regression data (y = A x) for the deep linear net: use model=dln "
+                          f"with it, or a classification dataset (e.g. data=mnist5k) for model={m.name}")
     kw["init_scale"] = float(m.get("init_scale", 1.0))
     if m.name == "mlp":
         kw.update(in_features=int(np.prod(bundle.input_shape)), num_classes=bundle.num_classes,

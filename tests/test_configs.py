@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
@@ -15,6 +16,7 @@ from omegaconf import OmegaConf
 
 from icsk.cli import CONF_DIR
 from icsk.config import compose
+from icsk.experiment import ConfigError, resolve_device, run
 
 # conf/hydra/launcher/joblib.yaml shares the plugin's name on purpose; Hydra 1.3 notes that it
 # matches the plugin's schema (see icsk.sweep.quiet_launcher_schema_warning)
@@ -152,3 +154,65 @@ def test_the_cli_reports_a_typo_and_exits_nonzero(tmp_path):
     assert "Could not find 'model/mlpp'" in res.stderr
     assert "mlp" in res.stderr and "vgg" in res.stderr
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------- refused values: the key and the fix
+RUN = ["logger=none", "train.progress=false", "train.steps=2", "train.eval_every=0"]
+
+
+def refused(tmp_path: Path, *overrides: str) -> str:
+    """The ConfigError message of a run with ``overrides``, after checking that it wrote nothing."""
+    with pytest.raises(ConfigError) as err:
+        run(compose([*RUN, *overrides]), tmp_path / "run")
+    assert list((tmp_path / "run").iterdir()) == []
+    return str(err.value)
+
+
+@pytest.mark.parametrize("model", ["mlp", "vgg"])
+def test_a_classifier_on_regression_data_points_to_the_deep_linear_net(tmp_path, model):
+    msg = refused(tmp_path, f"model={model}", "data=gaussian")
+    assert msg.startswith("data=gaussian is regression data") and "use model=dln" in msg
+    assert f"a classification dataset (e.g. data=mnist5k) for model={model}" in msg
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "cpu:zero"])
+def test_an_unknown_device_names_the_key_and_the_valid_values(tmp_path, device):
+    msg = refused(tmp_path, f"device={device}")
+    assert msg.startswith(f"device={device!r} is not a device")
+    assert msg.endswith("use device=auto (cuda when available, else mps, else cpu), cpu, cuda, cuda:N (GPU number N) "
+                        "or mps")
+
+
+def test_a_gpu_number_beyond_the_machines_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1) and resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match=r"device='cuda:2' but this machine has 2 GPU\(s\); use device=cuda"):
+        resolve_device("cuda:2")
+
+
+@pytest.mark.parametrize("model,own", [("mlp", []), ("vgg", ["channels"]), ("dln", [])])
+def test_an_unknown_model_option_names_the_key_and_lists_the_valid_ones(tmp_path, model, own):
+    msg = refused(tmp_path, f"model={model}", *(["data=gaussian"] if model == "dln" else []), "+model.options.foo=1")
+    head, _, valid = msg.partition(": remove it or use a valid model.options name: ")
+    assert head == f"unknown model.options.foo for model={model}"
+    assert valid.split(", ") == ["eps", "momentum", "gn_groups", "lp_p", "affine", *own]
+
+
+def test_a_misspelt_data_option_names_the_key_and_the_spelling(tmp_path):
+    msg = refused(tmp_path, "+data.options.standardise=false")
+    assert msg == ("unknown data.options.standardise for data=mnist5k (did you mean data.options.standardize?): "
+                   "remove it or use a valid data.options name: flatten, standardize")
+    msg = refused(tmp_path, "model=dln", "data=gaussian", "+data.options.foo=1")
+    assert msg.endswith("for data=gaussian: remove it or use a valid data.options name: dim, n_train, n_test, "
+                        "data_seed")
+
+
+def test_valid_options_still_reach_the_model_and_the_data(tmp_path):
+    from icsk.experiment import build_arms_models, load_data
+
+    cfg = compose([*RUN, "model.arms=[bn]", "model.depth=1", "model.width=4", "+model.options.momentum=0.5",
+                   "+data.options.standardize=true"])
+    bundle = load_data(cfg)
+    assert bundle.meta["standardized"] is True
+    assert build_arms_models(cfg, bundle)["bn"].block1.norm.momentum == 0.5

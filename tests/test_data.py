@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import pickle
+import re
 import struct
 from pathlib import Path
 
@@ -12,8 +14,8 @@ import torch
 from torch.testing import assert_close
 from torch.utils.data import Dataset, TensorDataset
 
-from icsk.data import (DATASETS, NORMALIZATION, BatchStream, DataBundle, DatasetNotFoundError, get_dataset,
-                       probe_batch)
+from icsk.data import (DATASETS, NORMALIZATION, BatchStream, DataBundle, DatasetNotFoundError, dataset_options,
+                       get_dataset, probe_batch)
 
 
 def _write_idx(path: Path, array: np.ndarray) -> None:
@@ -110,6 +112,43 @@ def test_failed_download_becomes_dataset_not_found(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets.MNIST, "download", offline)
     with pytest.raises(DatasetNotFoundError, match="no network"):
         get_dataset("mnist", root=tmp_path, download=True)
+
+
+MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+
+
+@pytest.mark.parametrize("name,files", [
+    ("mnist", [f"MNIST/raw/{f}" for f in MNIST_FILES]),
+    ("fashion_mnist", [f"FashionMNIST/raw/{f}" for f in MNIST_FILES]),
+    ("cifar10", [f"cifar-10-batches-py/{f}" for f in CIFAR_FILES]),
+])
+def test_failed_download_lists_the_files_to_copy_as_a_missing_file_does(tmp_path, monkeypatch, name, files):
+    import torchvision
+
+    def offline(self):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", offline)
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", offline)
+    with pytest.raises(DatasetNotFoundError) as failed:
+        get_dataset(name, root=tmp_path, download=True)
+    with pytest.raises(DatasetNotFoundError) as missing:
+        get_dataset(name, root=tmp_path)
+    assert "no network" in str(failed.value) and "copy the files there by hand" in str(failed.value)
+    for err in (failed, missing):
+        listed = re.search(r"expected (\[.*?\]) under (\S+?)[.]?(?: |$)", str(err.value))
+        assert ast.literal_eval(listed.group(1)) == files and listed.group(2) == str(tmp_path.resolve())
+
+
+def test_dataset_options_are_what_the_loader_takes():
+    assert dataset_options("mnist5k") == ["flatten", "standardize"]
+    assert dataset_options("Fashion-MNIST") == dataset_options("cifar10") == ["flatten", "standardize"]
+    assert dataset_options("gaussian") == ["dim", "n_train", "n_test", "data_seed"]
+    b = get_dataset("gaussian", dim=3, n_train=5, n_test=2, data_seed=1)
+    assert b.input_shape == (3,) and len(b.train) == 5 and len(b.test) == 2 and b.meta["data_seed"] == 1
+    with pytest.raises(ValueError, match="unknown dataset 'imagenet'"):
+        dataset_options("imagenet")
 
 
 def test_unknown_dataset_lists_valid_names():

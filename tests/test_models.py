@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from icsk.models import (DLN, MLP, VGG, LpNorm, NoisyBatchNorm1d, Tap, build_model, make_norm, make_pair)
+from icsk.models import (DLN, MLP, VGG, LpNorm, NoisyBatchNorm1d, Tap, build_model, make_norm, make_pair,
+                         model_options)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -115,6 +116,23 @@ def test_build_model_errors_and_variants():
         VGG(channels=("M", 4))
     with pytest.raises(TypeError):
         MLP(10, 2, norm="gn", groups=4)  # the option is called gn_groups
+
+
+@pytest.mark.parametrize("name", list(MODEL_KW))
+def test_model_options_are_what_the_model_takes(name):
+    """model_options (the valid model.options names) lists options every model applies, not more."""
+    values = {"eps": 1e-3, "momentum": 0.5, "gn_groups": 2, "lp_p": 1.0, "affine": False, "channels": [4, "M", 6]}
+    opts = model_options(name)
+    assert opts[:5] == ("eps", "momentum", "gn_groups", "lp_p", "affine") and set(opts) <= set(values)
+    model = build_model(name, norm="bn", **MODEL_KW[name], **{k: values[k] for k in opts})
+    bn = model.block1.norm
+    assert bn.eps == 1e-3 and bn.momentum == 0.5 and bn.weight is None  # affine=False
+    if name == "vgg":
+        assert "channels" in opts and [model.block1.conv.out_channels, model.block2.conv.out_channels] == [4, 6]
+    assert make_norm("gn", 8, gn_groups=values["gn_groups"]).num_groups == 2
+    assert make_norm("lp", 8, lp_p=values["lp_p"]).p == 1.0
+    with pytest.raises(TypeError):
+        build_model(name, norm="bn", **MODEL_KW[name], foo=1)
 
 
 def test_gn_groups_clip_and_ln_spatial():

@@ -48,23 +48,24 @@ def tiny_net(norm: str) -> nn.Module:
 
 
 def make_run(run_dir: Path, *, seed: int = 0, lr: float = 0.5, arms=("bn", "none"), diverge: dict | None = None,
-             hist: bool = True, metrics: bool = True, extra_metrics: bool = True, stats=None) -> Path:
-    """A paired run folder: config.yaml, run.json, arms/<arm>/stats (Recorder), metrics/."""
+             hist: bool = True, metrics: bool = True, extra_metrics: bool = True, stats=None,
+             config: dict | None = None) -> Path:
+    """A paired run folder: config.yaml (``config`` merged in), run.json, arms/<arm>/stats (Recorder), metrics/."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: thread start-up and contention cost more than the maths
     try:
         return _make_run(run_dir, seed=seed, lr=lr, arms=arms, diverge=diverge or {}, hist=hist, metrics=metrics,
-                         extra_metrics=extra_metrics, stats=stats)
+                         extra_metrics=extra_metrics, stats=stats, config=config or {})
     finally:
         torch.set_num_threads(threads)
 
 
-def _make_run(run_dir: Path, *, seed, lr, arms, diverge, hist, metrics, extra_metrics, stats) -> Path:
+def _make_run(run_dir: Path, *, seed, lr, arms, diverge, hist, metrics, extra_metrics, stats, config) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = {"name": "tiny", "seed": seed, "model": {"name": "mlp", "arms": list(arms), "init_scale": 1.0},
            "data": {"name": "synthetic", "batch_size": 32}, "optim": {"name": "sgd", "lr": lr},
            "train": {"steps": STEPS}}
-    OmegaConf.save(OmegaConf.create(cfg), run_dir / "config.yaml")
+    OmegaConf.save(OmegaConf.merge(cfg, config), run_dir / "config.yaml")
     g = torch.Generator().manual_seed(seed)
     xs = torch.randn(STEPS, 32, 6, generator=g) * 2 + 1
     w_true = torch.randn(6, 3, generator=g)
@@ -302,6 +303,69 @@ def test_fig_sweep_marks_divergence(runs):
     markers = [c for c in top.collections if isinstance(c, PathCollection) and len(c.get_offsets())
                and c.get_sizes()[0] == 28]
     assert len(markers) == 1  # the one diverged run, as an x
+
+
+@pytest.fixture(scope="module")
+def model_grid(tmp_path_factory) -> Path:
+    """Multirun over two models (2 seeds each): model.depth and model.width are the MLP's keys, None for
+    the CNN; model.variant is the CNN's, None for the MLP. The no-norm arm of the last CNN run diverged."""
+    root = tmp_path_factory.mktemp("models") / "multirun"
+    root.mkdir()
+    models = [{"name": "mlp", "depth": 3, "width": 8}] * 2 + [{"name": "vgg", "variant": "vgg_tiny"}] * 2
+    for job, model in enumerate(models):
+        make_run(root / str(job), seed=job, hist=False, extra_metrics=False, config={"model": model},
+                 diverge={"none": 15} if job == 3 else None)
+    return root
+
+
+def test_sweep_over_two_models_keeps_the_keys_one_model_lacks(model_grid, tmp_path):
+    """A key that is None for some runs is a setting: figure, seed count and summary keep those runs."""
+    from icsk.report.style import arm_color
+
+    runs = collect_runs([model_grid])
+    keys = ["model.depth", "model.name", "model.variant", "model.width"]
+    assert runs.varying_keys() == keys
+    final = {}  # (model, arm) -> final test accuracies, read from the metrics files
+    for r in runs:
+        m = icsk.load_run(r.path, table="metrics")
+        for arm in ("bn", "none"):
+            t = m[(m.arm == arm) & (m.metric == "test_acc")].sort_values("step")
+            final.setdefault((r.config["model.name"], arm), []).append(t["value"].iloc[-1])
+    fig = figures.fig_sweep(runs)
+    assert [fig.axes[2 * j].get_xlabel() for j in range(4)] == [figures.KEY_LABELS.get(k, k) for k in keys]
+    for j, ticks in enumerate([["3", "None"], ["mlp", "vgg"], ["None", "vgg_tiny"], ["8", "None"]]):
+        ax, axd = fig.axes[2 * j], fig.axes[2 * j + 1]
+        assert [t.get_text() for t in ax.get_xticklabels()] == ticks
+        means = {line.get_color(): line.get_ydata().tolist() for line in ax.lines if line.get_marker() == "o"}
+        for arm in ("bn", "none"):  # each row: the MLP's runs at x = 0, the CNN's at x = 1
+            assert means[arm_color(arm)] == pytest.approx([np.mean(final[(m, arm)]) for m in ("mlp", "vgg")])
+        fracs = {line.get_color(): line.get_ydata().tolist() for line in axd.lines}
+        assert fracs[arm_color("none")] == [0.0, 0.5] and fracs[arm_color("bn")] == [0.0, 0.0]
+    rep = build_report(model_grid, out=tmp_path, figures=["sweep"], formats=["png"], log=lambda m: None)
+    assert not rep.failed and [(b.kind, b.seeds) for b in rep.figures] == [("sweep", 2)]
+    summary = rep.summary.read_text()
+    assert "nan" not in summary and "(2 seed(s) per setting)" in summary
+    vgg = "model.depth=None, model.name=vgg, model.variant=vgg_tiny, model.width=None"
+    mlp = "model.depth=3, model.name=mlp, model.variant=None, model.width=8"
+    for setting, model in ((mlp, "mlp"), (vgg, "vgg")):
+        mean = float(re.search(rf"\| {setting} \| BN \| ([\d.]+) ± [\d.]+ \| 2 \| 0 \|", summary).group(1))
+        assert mean == pytest.approx(np.mean(final[(model, "bn")]), abs=1e-4)
+    assert f"| 3 | no norm | 3 | {vgg} | 15 |" in summary
+
+
+def test_sweep_seed_count_is_per_setting_and_arm(tmp_path):
+    """`-m model=mlp,cnn model.norm=bn,none`: one arm per run, so one seed behind each error bar
+    (two runs per setting, one per arm)."""
+    root = tmp_path / "multirun"
+    job = 0
+    for model in ({"name": "mlp", "depth": 3, "width": 8}, {"name": "vgg", "variant": "vgg_tiny"}):
+        for norm in ("bn", "none"):
+            make_run(root / str(job), arms=(norm,), hist=False, extra_metrics=False,
+                     config={"model": {**model, "norm": norm}})
+            job += 1
+    rep = build_report(root, out=tmp_path / "out", figures=["sweep"], formats=["png"], log=lambda m: None)
+    assert not rep.failed and [(b.kind, b.seeds) for b in rep.figures] == [("sweep", 1)]
+    assert "(1 seed(s) per setting)" in rep.summary.read_text()
 
 
 def test_fig_hist_evolution(runs):

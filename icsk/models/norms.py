@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -152,3 +153,7 @@ def make_norm(kind: str, num_features: int, spatial: bool = False, *, eps: float
     if kind == "lp":
         return LpNorm(num_features, p=lp_p, eps=eps, momentum=momentum, affine=affine)
     raise ValueError(f"unknown normalizer {kind!r}; valid: {list(NORMS) + list(_LP_ALIASES)}")
+
+
+# make_norm's options (``model.options``: one set drives every arm)
+NORM_OPTIONS = tuple(p.name for p in inspect.signature(make_norm).parameters.values() if p.kind is p.KEYWORD_ONLY)

@@ -10,9 +10,11 @@ from .blocks import TapNet
 from .cnn import VGG, VGG_VARIANTS
 from .dln import DLN
 from .mlp import MLP
+from .norms import NORM_OPTIONS
 
 MODELS = ("mlp", "vgg", "dln")
 _ALIASES = {"cnn": "vgg"}
+_OWN_OPTIONS = {"vgg": ("channels",)}  # options of a model besides its normalizer's
 
 
 def build_model(name: str, *, norm: str = "none", **kw) -> TapNet:
@@ -32,6 +34,13 @@ def build_model(name: str, *, norm: str = "none", **kw) -> TapNet:
     if key == "dln":
         return DLN(norm=norm, **kw)
     raise ValueError(f"unknown model {name!r}; valid: {list(MODELS) + list(_ALIASES)}")
+
+
+def model_options(name: str) -> tuple[str, ...]:
+    """Options model ``name`` takes besides its sizes (``model.options``): the normalizer's, and
+    VGG's ``channels`` (a channel list in place of ``variant``)."""
+    key = _ALIASES.get(str(name).lower(), str(name).lower())
+    return NORM_OPTIONS + _OWN_OPTIONS.get(key, ())
 
 
 def _seeded(seed: int, name: str, norm: str, kw: dict) -> TapNet:

@@ -231,12 +231,13 @@ def _make(kind: str, rs: RunSet, *, layer, unit, measure, ref, drift_of) -> Figu
 
 
 def _seeds_of(kind: str, rs: RunSet) -> int:
-    if kind == "sweep":
-        per = rs.config_frame()
-        keys = rs.varying_keys()
-        return int(per.groupby(keys)["run"].nunique().min()) if keys and len(per) else len(rs)
+    """Fewest runs behind a curve: per arm, and per setting in the sweep figure (its error bars)."""
     div = rs.divergence()
-    return seeds_per_arm(div) if len(div) else len(rs)
+    keys = rs.varying_keys() if kind == "sweep" else []
+    if not len(div) or not keys:
+        return seeds_per_arm(div) if len(div) else len(rs)
+    # dropna=False: a key that is None for some runs (model.depth of a CNN) is a setting too
+    return int(div.groupby([*keys, "arm"], dropna=False)["run"].nunique().min())
 
 
 def _with_setting(df: pd.DataFrame, label: str) -> pd.DataFrame:

@@ -498,6 +498,16 @@ def final_metrics(runs: RunSet) -> pd.DataFrame:
     return out
 
 
+def is_missing(v) -> bool:
+    """Whether a config value is missing from a run's config: None, or the NaN pandas makes of it."""
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def config_text(v) -> str:
+    """A config value as text (a missing one reads None)."""
+    return "None" if is_missing(v) else f"{v:g}" if isinstance(v, float) else str(v)
+
+
 def _is_numeric(vals: Sequence) -> bool:
     try:
         [float(v) for v in vals]
@@ -526,14 +536,15 @@ def fig_sweep(runs: RunSet, keys: Sequence[str] | None = None) -> Figure:
     fig, axes = plt.subplots(len(keys), 2, figsize=(w, h), squeeze=False, sharex="row", layout="constrained")
     for j, key in enumerate(keys):
         ax, axd = axes[j, 0], axes[j, 1]
-        f = fin[fin[key].notna()].copy()
-        vals = list(pd.unique(f[key]))
-        numeric = _is_numeric(vals)
+        f = fin.copy()
+        # a key some runs lack (model.depth of a CNN) is None there: a category of its own
+        numeric = f[key].notna().all() and _is_numeric(list(pd.unique(f[key])))
         if numeric:
             f["_x"] = f[key].astype(float)
         else:
-            order = sorted(map(str, vals), key=natural_key)
-            f["_x"] = f[key].astype(str).map({v: i for i, v in enumerate(order)}).astype(float)
+            text = f[key].map(config_text)
+            order = sorted(text.unique(), key=natural_key)
+            f["_x"] = text.map({v: i for i, v in enumerate(order)}).astype(float)
         for arm in arms:
             a = f[f["arm"] == arm]
             if a.empty:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .figures import CAPTIONS, band_kind, final_metrics
+from .figures import CAPTIONS, band_kind, config_text, final_metrics, is_missing
 from .loading import RunSet
 from .style import arm_label, order_arms
 
@@ -40,15 +40,18 @@ def final_accuracy_table(runs: RunSet) -> pd.DataFrame:
     keys = runs.varying_keys()
     rows = []
     for vals, g in fin.groupby(keys, dropna=False, sort=True) if keys else [((), fin)]:
-        vals = vals if isinstance(vals, tuple) else (vals,)
-        setting = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in zip(keys, vals,
-                                                                                                  strict=True))
+        setting = _setting(keys, vals if isinstance(vals, tuple) else (vals,))
         for arm in order_arms(g["arm"].unique()):
             a = g[g["arm"] == arm]
             f = a["final"].astype(float)
             rows.append({"setting": setting, "arm": arm, "mean": f.mean(), "std": f.std(ddof=1) if f.count() > 1
                          else math.nan, "seeds": int(a["run"].nunique()), "diverged": int(a["diverged"].sum())})
     return pd.DataFrame(rows)
+
+
+def _setting(keys: Sequence[str], vals: Sequence) -> str:
+    """``k=v, ...`` of one setting (a missing value reads None)."""
+    return ", ".join(f"{k}={config_text(v)}" for k, v in zip(keys, vals, strict=True))
 
 
 def _md_table(header: Sequence[str], rows: list[Sequence[str]]) -> str:
@@ -127,7 +130,8 @@ def summary_markdown(name: str, runs: RunSet, built: list[BuiltFigure], skipped:
     if dv.empty:
         lines += ["No arm diverged.", ""]
     else:
-        rows = [[r["run"], arm_label(r["arm"]), r["seed"], ", ".join(f"{k}={r[k]}" for k in keys),
+        rows = [[r["run"], arm_label(r["arm"]), r["seed"],
+                 ", ".join(f"{k}={'None' if is_missing(r[k]) else r[k]}" for k in keys),
                  "–" if pd.isna(r["diverged_step"]) else int(r["diverged_step"])] for _, r in dv.iterrows()]
         lines += [f"{len(dv)} of {len(div)} arm runs diverged.", "",
                   _md_table(["run", "arm", "seed", "setting", "diverged at step"], rows), ""]
