@@ -312,10 +312,13 @@ class BatchStream:
 
 
 def probe_batch(dataset: Dataset, size: int | None, seed: int = 0) -> Batch:
-    """A fixed batch of ``size`` examples (all if None or larger) drawn by ``seed``, for drift measurements."""
+    """A fixed batch of ``size`` examples (all if None or larger) drawn by ``seed``, for drift
+    measurements. Its draw is not :class:`BatchStream`'s of the same seed, so it is not the
+    first training batches of the run."""
     n = _check_nonempty(dataset)
     if size is not None and int(size) < 1:
         raise ValueError(f"probe size must be >= 1 or None (whole set), got {size}")
     k = n if size is None else min(int(size), n)
-    idx = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))[:k]
+    probe_seed = (int(seed) * 1_000_003 + 7_919) % 2**63  # a stream apart from the training batches'
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(probe_seed))[:k]
     return _take(dataset, idx)

@@ -257,3 +257,6 @@ def test_probe_batch_is_fixed():
     assert torch.equal(y1, y2) and len(set(y1.tolist())) == 8
     assert not torch.equal(probe_batch(ds, 8, seed=4)[1], y1)
     assert len(probe_batch(ds, 500, seed=0)[1]) == 50 and len(probe_batch(ds, None, seed=0)[1]) == 50
+    for seed in range(5):  # not the run's first training batches, nor another seed's
+        first = torch.cat([next(iter_)[1] for iter_ in [BatchStream(ds, 10, seed=s) for s in (seed, seed + 1)]])
+        assert set(probe_batch(ds, 10, seed=seed)[1].tolist()) not in (set(first[:10].tolist()), set(first[10:].tolist()))
