@@ -32,7 +32,7 @@ from .hooks import Recorder
 from .log import hydra_job_info, make_logger, run_identity
 from .models import make_pair, model_options, uses_batch_statistics
 from .schedule import Schedule
-from .store import chunk_files, read_json, write_json_atomic
+from .store import FolderBusyError, FolderLease, chunk_files, read_json, write_json_atomic
 from .train import Arm, Checkpointer, Probe, Trainer
 
 log = logging.getLogger("icsk")
@@ -317,9 +317,11 @@ def _drop_rows_without_checkpoint(run_dir: Path) -> None:
 def _requeued(status_path: Path) -> bool:
     """Whether this is a submitit job (SLURM or local) started again after an interruption: the
     launcher resubmits it with its first overrides, so without resume=true; its run.json says
-    interrupted (or running, after a hard kill)."""
+    interrupted (running after a hard kill: the folder's lease shows that no job is live; finished
+    when the signal came after the last step)."""
     in_submitit = any(k in os.environ for k in ("SUBMITIT_EXECUTOR", "SUBMITIT_LOCAL_JOB_ID"))
-    return in_submitit and status_path.exists() and read_json(status_path).get("status") in ("interrupted", "running")
+    return (in_submitit and status_path.exists()
+            and read_json(status_path).get("status") in ("interrupted", "running", "finished"))
 
 
 def _check_intervals(tcfg: DictConfig) -> None:
@@ -427,9 +429,24 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     """Train every arm of ``cfg`` into ``run_dir``; returns the final run.json content.
 
     ``overrides``: the command-line overrides that composed ``cfg`` (the Hydra entry point
-    passes them); kept in run.json, so a refused resume can print the command that works."""
+    passes them); kept in run.json, so a refused resume can print the command that works.
+    The job holds ``run_dir`` (a lease) throughout: a second job on a live run is refused
+    before it reads or writes anything."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    lease = FolderLease(run_dir)
+    try:
+        lease.acquire()
+    except FolderBusyError as e:
+        raise ConfigError(f"{e}. Another job is running in this folder") from None
+    try:
+        return _run_held(cfg, run_dir, overrides)
+    finally:
+        lease.release()
+
+
+def _run_held(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> dict[str, Any]:
+    """:func:`run` while it holds the folder."""
     resume = bool(cfg.get("resume", False))
     status_path = run_dir / "run.json"
     if not resume and (run_dir / "arms").exists():

@@ -206,8 +206,9 @@ def _on_forward_eagerly(recorder: Recorder, *args: Any) -> None:
 
 
 class _Hook:
-    """A Recorder's forward (pre-)hook on one module. It records only that module (a copy of the
-    model, e.g. an EMA or a snapshot, is not recorded as the original); copies and pickles of
+    """A Recorder's forward (pre-)hook on one module. It records only that module and
+    DataParallel's replicas of it (a shallow copy that shares the hook is not recorded as the
+    original); deep copies (an EMA, a snapshot) and pickles of
     the model carry an inert hook instead; under torch.compile it runs eagerly, outside the
     graph (tracing it would guard on the Recorder's state and recompile at every step)."""
 
@@ -218,7 +219,8 @@ class _Hook:
 
     def __call__(self, module: nn.Module, args: tuple, rest: Any) -> None:
         # output hook: (module, args, output); input hook with kwargs: (module, args, kwargs)
-        if module is not self.module or self.recorder._paused:
+        # DataParallel's replicas are copies made for one forward: they share this hook and count
+        if (module is not self.module and not getattr(module, "_is_replica", False)) or self.recorder._paused:
             return
         if torch.compiler.is_compiling():
             _on_forward_eagerly(self.recorder, self.name, module, args, rest)
@@ -463,8 +465,9 @@ class Recorder:
         except (KeyError, IndexError, TypeError) as e:
             raise RecorderError(f"layer {name!r}: select={sel!r} failed on its {type(value).__name__} ({e})") from None
 
-    def _tensor_of(self, name: str, module: nn.Module, value: Any) -> torch.Tensor:
-        if self.select is not None and not isinstance(value, torch.Tensor):
+    def _tensor_of(self, name: str, module: nn.Module, value: Any, select: bool = True) -> torch.Tensor:
+        """The tensor to record (``select`` applied unless done already), checked."""
+        if select and self.select is not None and not isinstance(value, torch.Tensor):
             value = self._selected(name, value)
         if not isinstance(value, torch.Tensor):
             hint = "an index (select=0)" if isinstance(value, (tuple, list)) else (
@@ -492,7 +495,8 @@ class Recorder:
         step = self.current_step
         if state.last_step == step:  # record the first forward of a step only
             return
-        if self.select is not None and type(value) is not torch.Tensor:
+        selected = self.select is not None and type(value) is not torch.Tensor
+        if selected:
             value = self._selected(name, value)
         slots = state.slots
         if (slots is not None and type(value) is torch.Tensor and value.shape == state.shape
@@ -509,7 +513,7 @@ class Recorder:
             if n + 1 == len(slots):
                 self._reduce_stage(state)
             return
-        x = (value if type(value) is torch.Tensor else self._tensor_of(name, module, value)).detach()
+        x = (value if type(value) is torch.Tensor else self._tensor_of(name, module, value, select=not selected)).detach()
         self._capture_slow(state, name, module, x)
 
     def _check_path_is_free(self) -> None:

@@ -27,7 +27,6 @@ import os
 import re
 import socket
 import threading
-import uuid
 import warnings
 from concurrent.futures import Future
 from collections.abc import Callable, Iterable, Sequence
@@ -38,6 +37,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: writers are not locked out
+    fcntl = None
 
 from .background import background_pool
 
@@ -83,67 +87,61 @@ class FolderBusyError(RuntimeError):
 
 
 class FolderLease:
-    """An exclusive claim on a folder by one writer: a ``.writer`` file holding host, pid and a
-    token. A claim whose process is gone (same host, pid not running) is stale and taken over;
-    one from another host cannot be checked and is taken over with a warning (a requeued
-    cluster job may land on another node)."""
+    """An exclusive claim on a folder by one writer: an advisory lock (``flock``) on its
+    ``.writer`` file, which also names the holder (host, pid). The kernel drops the lock when
+    the holder's process dies, so a killed writer's claim needs no cleaning up. On file systems
+    without locks (and without ``fcntl``) the claim is not enforced."""
 
     def __init__(self, folder: str | os.PathLike):
         self.path = Path(folder) / ".writer"
-        self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
-        self.held = False
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
 
     def acquire(self) -> None:
         """Claim the folder (idempotent); FolderBusyError when a live writer holds it."""
-        if self.held:
+        if self._fd is not None or fcntl is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
+        for _ in range(10):
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder is not None and self._alive(holder):
-                    raise FolderBusyError(
-                        f"{self.path.parent} is being written by another writer ({holder}); two writers on one "
-                        f"folder would mix their rows: pass another path (if that process is gone, delete "
-                        f"{self.path})") from None
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(self.token)
-            self.held = True
-            return
-        raise FolderBusyError(f"could not claim {self.path.parent}: {self.path} keeps reappearing")
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise FolderBusyError(
+                    f"{self.path.parent} is being written by another writer ({holder}); two writers on one "
+                    "folder would mix their rows: wait for it to finish, or pass another path") from None
+            except OSError as e:  # no locks on this file system
+                os.close(fd)
+                warnings.warn(f"icsk: cannot lock {self.path} ({e}); a second writer on this folder is not refused",
+                              stacklevel=3)
+                return
+            try:  # its last holder may have removed the file between our open and our lock
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+                self._fd = fd
+                return
+            os.close(fd)
+        raise FolderBusyError(f"could not claim {self.path.parent}: {self.path} keeps being replaced")
 
     def release(self) -> None:
-        """Give the claim up (idempotent); a claim taken over by another writer is left to it."""
-        if self.held:
-            self.held = False
-            if self._holder() == self.token:
-                self.path.unlink(missing_ok=True)
-
-    def _holder(self) -> str | None:
+        """Give the claim up (idempotent): the file goes first, then the lock."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
         try:
-            return self.path.read_text() or None
-        except OSError:
-            return None
-
-    def _alive(self, holder: str) -> bool:
-        host, _, rest = holder.partition(":")
-        pid = rest.partition(":")[0]
-        if host != socket.gethostname():
-            warnings.warn(f"icsk: {self.path} was written by host {host}; taking the folder over", stacklevel=3)
-            return False
-        if not pid.isdigit():
-            return False
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:  # a live process of another user
-            return True
-        return True
+            self.path.unlink(missing_ok=True)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
 
 class ChunkWriter:

@@ -250,10 +250,10 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def run(self) -> None:
         """Train from ``self.step`` to ``self.steps``."""
-        for a in self.arms:
-            if a.recorder is not None:
-                a.recorder.attach()
         try:
+            for a in self.arms:
+                if a.recorder is not None:
+                    a.recorder.attach()
             while self.step < self.steps and any(a.active for a in self.arms):
                 if self._kill_at is not None and self.step == self._kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)

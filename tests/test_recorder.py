@@ -762,13 +762,41 @@ def test_a_copy_of_the_model_is_not_recorded_and_pickles(tmp_path):
             rec.step()
         clone = pickle.loads(pickle.dumps(model))
         assert torch.equal(clone(x), model(x))
+        rec.step()
+        shallow = copy.copy(model[0])  # shares the hook dict with the original
+        shallow(x * 100)  # first in the step: must not be recorded as the model's
+        model(x)
     df = rec.to_frame()
-    for step in range(4):  # step 3: the model's forward next to the clone's
+    for step in range(5):  # step 3: the model's forward next to the clone's; 4: next to the shallow copy's
         np.testing.assert_allclose(frame_values(df, step, "0", "mean"), want, rtol=1e-5)
     ema(x), clone(x)  # the copies' inert hooks do nothing after exit either
-    assert rec.to_frame().step.max() == 3
+    assert rec.to_frame().step.max() == 4
     with pytest.raises(icsk.RecorderError, match="not a submodule of this model"):
         icsk.Recorder(model, layers=[nn.Linear(4, 3)])
+
+
+def test_data_parallel_replicas_are_recorded():
+    """DataParallel calls replicas of each module that share its hooks: those are the model's forwards."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    x = torch.randn(8, 4)
+    with icsk.Recorder(model, layers=["0"], stats=["mean"]) as rec:
+        replica = model[0]._replicate_for_data_parallel()  # as nn.parallel.replicate makes them
+        replica._parameters = dict(model[0]._parameters)  # (which then gives each replica its device's copies)
+        replica(x)
+        rec.step()
+    np.testing.assert_allclose(frame_values(rec.to_frame(), 0, "0", "mean"), model(x).double().mean(0).detach().numpy(),
+                               rtol=1e-5)
+
+
+def test_select_is_applied_once():
+    class Nested(nn.Module):
+        def forward(self, x):
+            return (x, x * 100), "aux"
+
+    with icsk.Recorder(nn.Sequential(Nested()), layers=["0"], select=0) as rec:
+        with pytest.raises(icsk.RecorderError, match="gives a tuple"):
+            rec.model(torch.randn(4, 3))
 
 
 def test_two_live_recorders_on_one_path_are_refused_and_a_dead_writer_is_taken_over(tmp_path):
@@ -781,10 +809,8 @@ def test_two_live_recorders_on_one_path_are_refused_and_a_dead_writer_is_taken_o
         a(torch.randn(5, 4))
         first.step()
     assert not (tmp_path / "stats" / ".writer").exists()
-    import socket
-
-    dead = 2**22 + 12345  # above any pid Linux hands out by default
-    (tmp_path / "stats" / ".writer").write_text(f"{socket.gethostname()}:{dead}:x")
+    # a claim file nobody holds (a killed writer's, even one naming this very process) is taken over
+    (tmp_path / "stats" / ".writer").write_text(f"pid {os.getpid()}")
     with icsk.Recorder(b, layers=["0"], stats=["mean"], path=tmp_path, start_step=1) as rec:
         b(torch.randn(5, 4))
         rec.step()

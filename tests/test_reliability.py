@@ -212,6 +212,45 @@ def test_a_requeued_submitit_job_resumes_from_its_checkpoint(tmp_path, monkeypat
         pd.testing.assert_frame_equal(a, b, check_exact=True)
 
 
+def test_a_job_on_a_live_run_is_refused_before_it_touches_the_folder(tmp_path, monkeypatch):
+    """Another job (a resume, or a submitit job that looks requeued) must not delete rows of, or
+    rewrite run.json of, a run that is still training."""
+    from icsk.store import FolderLease
+
+    job(tmp_path, "train.checkpoint_every=5", steps=10)
+    info = (tmp_path / "run.json").read_text()
+    (tmp_path / "run.json").write_text(info.replace('"finished"', '"running"'))
+    live = FolderLease(tmp_path)  # the live job holds its folder
+    live.acquire()
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    try:
+        with pytest.raises(ConfigError, match="another writer"):
+            job(tmp_path, "resume=true", "train.checkpoint_every=5", steps=10)
+        monkeypatch.setenv("SUBMITIT_LOCAL_JOB_ID", "7")
+        with pytest.raises(ConfigError, match="another writer"):
+            job(tmp_path, "train.checkpoint_every=5", steps=10)
+        assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
+    finally:
+        live.release()
+    (tmp_path / "run.json").write_text(info)  # a signal after the last step: requeued, finished already
+    assert job(tmp_path, "train.checkpoint_every=5", steps=10)["status"] == "finished"
+    assert not any(tmp_path.rglob(".writer"))
+
+
+def test_a_recorder_that_cannot_attach_leaves_no_claim_behind(tmp_path, monkeypatch):
+    real_attach = icsk.Recorder.attach
+
+    def attach(self):
+        if self.path.name == "none":  # the second arm's folder is held by another writer
+            raise icsk.RecorderError("another writer")
+        return real_attach(self)
+
+    monkeypatch.setattr(icsk.Recorder, "attach", attach)
+    with pytest.raises(icsk.RecorderError, match="another writer"):
+        job(tmp_path, steps=3)
+    assert (tmp_path / "arms" / "bn").exists() and not any(tmp_path.rglob(".writer"))
+
+
 def test_resuming_a_finished_run_leaves_it_alone(tmp_path):
     """resume=true over a whole sweep must not retrain (or wipe) the jobs that finished."""
     job(tmp_path, steps=10)  # checkpoint_every=0: a resume would otherwise train again from step 0
