@@ -326,12 +326,11 @@ def _requeued(status_path: Path) -> bool:
 
 def _check_intervals(tcfg: DictConfig) -> None:
     """``train.steps`` >= 0, ``log_every`` >= 1, ``eval_every`` and ``checkpoint_every`` >= 0 (0 = off)."""
-    lows = {"steps": 0, "log_every": 1, "eval_every": 0, "checkpoint_every": 0}
-    for key, low in lows.items():
+    for key, low in {"steps": 0, "log_every": 1, "eval_every": 0, "checkpoint_every": 0}.items():
         value = tcfg.get(key, low)
         if value is None or int(value) < low:
-            raise ConfigError(f"train.{key} must be an integer >= {low}" + (" (0 turns it off)" if low == 0 and key != "steps"
-                                                                            else "") + f", got {value}")
+            off = " (0 turns it off)" if key in ("eval_every", "checkpoint_every") else ""
+            raise ConfigError(f"train.{key} must be an integer >= {low}{off}, got {value}")
 
 
 # exceptions a cluster's launcher raises in the job when it stops it, by class name (the launcher
@@ -438,7 +437,7 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     try:
         lease.acquire()
     except FolderBusyError as e:
-        raise ConfigError(f"{e}. Another job is running in this folder") from None
+        raise ConfigError(f"another job is running in {run_dir}: {e}") from None
     try:
         return _run_held(cfg, run_dir, overrides)
     finally:

@@ -31,8 +31,8 @@ from torch import nn
 from .background import background_pool
 from .schedule import Schedule
 from .stats import ALL_STATS, DEFAULT_STATS, Reducer, StatSpec
-from .store import (ChunkWriter, FolderBusyError, FolderLease, hist_edges_of, last_recorded_step, names_matching, read_histograms, read_recorder_meta,
-                    read_stats, values_column, write_json_atomic)
+from .store import (ChunkWriter, FolderBusyError, FolderLease, hist_edges_of, last_recorded_step, names_matching,
+                    read_histograms, read_recorder_meta, read_stats, values_column, write_json_atomic)
 
 LayerSelector = str | type | nn.Module | Callable[[str, nn.Module], bool]
 MODES = ("train", "eval")  # recorded by the module's training flag; "probe" inside Recorder.probe()
@@ -208,9 +208,9 @@ def _on_forward_eagerly(recorder: Recorder, *args: Any) -> None:
 class _Hook:
     """A Recorder's forward (pre-)hook on one module. It records only that module and
     DataParallel's replicas of it (a shallow copy that shares the hook is not recorded as the
-    original); deep copies (an EMA, a snapshot) and pickles of
-    the model carry an inert hook instead; under torch.compile it runs eagerly, outside the
-    graph (tracing it would guard on the Recorder's state and recompile at every step)."""
+    original); deep copies (an EMA, a snapshot) and pickles of the model carry an inert hook
+    instead; under torch.compile it runs eagerly, outside the graph (tracing it would guard on
+    the Recorder's state and recompile at every step)."""
 
     __slots__ = ("recorder", "name", "module")
 
