@@ -692,19 +692,35 @@ class Recorder:
     def _flush(self) -> None:
         """Hand every pending result to the writer thread, which waits for the reductions,
         builds the chunk and writes it. The training thread waits here only for a chunk still
-        being written; a signal during that wait (SIGTERM) loses nothing."""
+        being written. A signal (Ctrl-C, SIGTERM) cutting the hand-over short loses nothing:
+        results not yet queued go back to their layers, for :meth:`close` to write."""
         for state in self._states.values():  # may wait for a reducer: nothing is handed over yet
             self._reduce_stage(state)
-        batches = []
-        for state in self._states.values():
-            if state.results:
-                batches.append((state.layer, state.mode, state.steps, state.counts, state.results))
+        taken = [(state, state.results, state.steps, state.counts) for state in self._states.values() if state.results]
+        if not taken:
+            self._pending_steps = 0
+            return
+        meta = self._meta()
+        before = None if meta == self._saved_meta else (lambda: self._save_meta(meta))
+        batches = [(state.layer, state.mode, steps, counts, results) for state, results, steps, counts in taken]
+
+        def build() -> pa.Table:
+            return _chunk_table(batches)
+
+        handed = False
+        try:
+            for state, *_ in taken:
                 state.results, state.steps, state.counts = [], [], []
-        self._pending_steps = 0
-        if batches:
-            meta = self._meta()
-            before = None if meta == self._saved_meta else (lambda: self._save_meta(meta))
-            self._writer.write(lambda: _chunk_table(batches), before=before)
+            self._pending_steps = 0
+            self._writer.write(build, before=before)  # queued before it waits
+            handed = True
+        finally:
+            if not handed and not self._writer.queued(build):
+                # cut short before the chunk was queued (Ctrl-C): the results go back, for close()
+                for state, results, steps, counts in taken:
+                    if state.results is not results:
+                        state.results, state.steps, state.counts = (results + state.results, steps + state.steps,
+                                                                    counts + state.counts)
 
     def _save_meta(self, meta: dict) -> None:
         """Write recorder.json (runs on the writer thread, before the chunk that needs it)."""

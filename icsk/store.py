@@ -155,6 +155,7 @@ class ChunkWriter:
         self._next: int | None = None  # the folder is created and numbered at the first write
         self._pool = background_pool("icsk-writer") if background else None
         self._pending: Future | None = None
+        self._queued: Any = None
 
     def write(self, table: pa.Table | Callable[[], pa.Table], before: Callable[[], None] | None = None) -> Path:
         """Write one chunk (or queue it, in background mode); returns its final path.
@@ -169,14 +170,24 @@ class ChunkWriter:
         self._next += 1
         if self._pool is None:
             _write_chunk(table, path, before)
-        else:
-            # queue first, then wait for the chunk before it (one worker: chunks stay in order,
-            # at most two are held). A signal arriving during the wait (SIGTERM raises
-            # KeyboardInterrupt) then cannot lose this chunk: close() waits for it.
-            previous, self._pending = self._pending, self._pool.submit(_write_chunk, table, path, before)
-            if previous is not None:
-                previous.result()
+            return path
+        # queue first, then wait for the chunk before it (one worker: chunks stay in order, at
+        # most two are held). A signal arriving during the wait (SIGTERM raises
+        # KeyboardInterrupt) then cannot lose this chunk: close() waits for it.
+        previous = self._queue(table, path, before)
+        if previous is not None:
+            previous.result()
         return path
+
+    def _queue(self, table, path: Path, before) -> Future | None:
+        previous, self._pending = self._pending, self._pool.submit(_write_chunk, table, path, before)
+        self._queued = table
+        return previous
+
+    def queued(self, table: pa.Table | Callable[[], pa.Table]) -> bool:
+        """Whether ``table`` is the last chunk handed to the writer (a write cut short by a signal
+        may or may not have got that far)."""
+        return self._queued is table
 
     def wait(self) -> None:
         """Block until the chunks in flight are on disk; re-raises a write error, if any."""

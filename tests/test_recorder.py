@@ -908,3 +908,31 @@ def test_torch_compile_runs_the_hooks_eagerly_without_recompiling():
         for step in (0, 11):
             want = model[1](model[0](xs[step])).double().mean(0).numpy()
             np.testing.assert_allclose(frame_values(df, step, "1", "mean"), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_signal_during_the_hand_over_of_a_chunk_loses_and_repeats_nothing(tmp_path, when):
+    """Ctrl-C (KeyboardInterrupt) landing while a chunk is handed to the writer, before or after it
+    is queued: close() then writes every recorded step exactly once."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    rec = icsk.Recorder(model, layers=["0"], stats=["mean"], path=tmp_path, flush_every=4)
+    real_queue = rec._writer._queue
+    calls = []
+
+    def queue(*a):
+        calls.append(1)
+        if len(calls) == 2 and when == "before":
+            raise KeyboardInterrupt
+        out = real_queue(*a)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return out
+
+    rec._writer._queue = queue
+    with pytest.raises(KeyboardInterrupt), rec:
+        for _ in range(20):
+            model(torch.randn(5, 4))
+            rec.step()
+    steps = load_run(tmp_path).query("stat == 'mean'").groupby("step").size()
+    assert list(steps.index) == list(range(8)) and (steps == 3).all()
