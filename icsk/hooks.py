@@ -465,10 +465,8 @@ class Recorder:
         except (KeyError, IndexError, TypeError) as e:
             raise RecorderError(f"layer {name!r}: select={sel!r} failed on its {type(value).__name__} ({e})") from None
 
-    def _tensor_of(self, name: str, module: nn.Module, value: Any, select: bool = True) -> torch.Tensor:
-        """The tensor to record (``select`` applied unless done already), checked."""
-        if select and self.select is not None and not isinstance(value, torch.Tensor):
-            value = self._selected(name, value)
+    def _tensor_of(self, name: str, module: nn.Module, value: Any) -> torch.Tensor:
+        """``value`` (``select`` applied already) checked to be a recordable tensor."""
         if not isinstance(value, torch.Tensor):
             hint = "an index (select=0)" if isinstance(value, (tuple, list)) else (
                 "a key (select='name')" if isinstance(value, dict) else "a function (select=lambda out: ...)")
@@ -495,8 +493,7 @@ class Recorder:
         step = self.current_step
         if state.last_step == step:  # record the first forward of a step only
             return
-        selected = self.select is not None and type(value) is not torch.Tensor
-        if selected:
+        if self.select is not None and not isinstance(value, torch.Tensor):
             value = self._selected(name, value)
         slots = state.slots
         if (slots is not None and type(value) is torch.Tensor and value.shape == state.shape
@@ -513,7 +510,7 @@ class Recorder:
             if n + 1 == len(slots):
                 self._reduce_stage(state)
             return
-        x = (value if type(value) is torch.Tensor else self._tensor_of(name, module, value, select=not selected)).detach()
+        x = (value if type(value) is torch.Tensor else self._tensor_of(name, module, value)).detach()
         self._capture_slow(state, name, module, x)
 
     def _check_path_is_free(self) -> None:
@@ -703,19 +700,16 @@ class Recorder:
         meta = self._meta()
         before = None if meta == self._saved_meta else (lambda: self._save_meta(meta))
         batches = [(state.layer, state.mode, steps, counts, results) for state, results, steps, counts in taken]
-
-        def build() -> pa.Table:
-            return _chunk_table(batches)
-
+        queued_before = self._writer.chunks_queued
         handed = False
         try:
             for state, *_ in taken:
                 state.results, state.steps, state.counts = [], [], []
             self._pending_steps = 0
-            self._writer.write(build, before=before)  # queued before it waits
+            self._writer.write(lambda: _chunk_table(batches), before=before)  # queued before it waits
             handed = True
         finally:
-            if not handed and not self._writer.queued(build):
+            if not handed and self._writer.chunks_queued == queued_before:
                 # cut short before the chunk was queued (Ctrl-C): the results go back, for close()
                 for state, results, steps, counts in taken:
                     if state.results is not results:

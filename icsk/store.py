@@ -96,10 +96,6 @@ class FolderLease:
         self.path = Path(folder) / ".writer"
         self._fd: int | None = None
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
     def acquire(self) -> None:
         """Claim the folder (idempotent); FolderBusyError when a live writer holds it."""
         if self._fd is not None or fcntl is None:
@@ -155,7 +151,7 @@ class ChunkWriter:
         self._next: int | None = None  # the folder is created and numbered at the first write
         self._pool = background_pool("icsk-writer") if background else None
         self._pending: Future | None = None
-        self._queued: Any = None
+        self.chunks_queued = 0  # handed to the worker so far (a write cut short by a signal may not have got there)
 
     def write(self, table: pa.Table | Callable[[], pa.Table], before: Callable[[], None] | None = None) -> Path:
         """Write one chunk (or queue it, in background mode); returns its final path.
@@ -181,13 +177,8 @@ class ChunkWriter:
 
     def _queue(self, table, path: Path, before) -> Future | None:
         previous, self._pending = self._pending, self._pool.submit(_write_chunk, table, path, before)
-        self._queued = table
+        self.chunks_queued += 1
         return previous
-
-    def queued(self, table: pa.Table | Callable[[], pa.Table]) -> bool:
-        """Whether ``table`` is the last chunk handed to the writer (a write cut short by a signal
-        may or may not have got that far)."""
-        return self._queued is table
 
     def wait(self) -> None:
         """Block until the chunks in flight are on disk; re-raises a write error, if any."""

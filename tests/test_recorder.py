@@ -936,3 +936,20 @@ def test_a_signal_during_the_hand_over_of_a_chunk_loses_and_repeats_nothing(tmp_
             rec.step()
     steps = load_run(tmp_path).query("stat == 'mean'").groupby("step").size()
     assert list(steps.index) == list(range(8)) and (steps == 3).all()
+
+
+def test_select_leaves_tensor_subclass_outputs_alone():
+    """select= picks from tuples and dicts; an output that is a tensor (of a subclass too) is recorded as it is."""
+
+    class Marked(torch.Tensor):
+        pass
+
+    class Net(nn.Module):
+        def forward(self, x):
+            return (x * 2).as_subclass(Marked)
+
+    x = torch.randn(6, 3)
+    with icsk.Recorder(nn.Sequential(Net()), layers=["0"], stats=["mean"], select=0) as rec:
+        rec.model(x)
+        rec.step()
+    np.testing.assert_allclose(frame_values(rec.to_frame(), 0, "0", "mean"), (x * 2).double().mean(0).numpy(), rtol=1e-5)
