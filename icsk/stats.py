@@ -11,10 +11,11 @@ histograms). Speed notes, measured on a 2-core CPU (see reports/benchmarks.md):
   then the deviations' sum and sum of squares) is faster and as accurate;
 * ``torch.sort`` over many short rows is ~9x slower than NumPy's SIMD sort on the CPU, so
   quantiles sort with NumPy there (zero-copy view, same memory) and with torch on GPUs;
-* on GPUs mean and variance come from one ``torch.var_mean`` pass (one kernel instead of
-  five), and histograms from ``index_add_``, since ``bincount`` syncs with the host; with
-  ``ICSK_TRITON=1`` every statistic but the quantiles comes from one fused Triton kernel
-  (:mod:`icsk.gpu_kernels`) instead;
+* on GPUs every statistic but the quantiles comes from one fused Triton kernel
+  (:mod:`icsk.gpu_kernels`: one read, two launches) when Triton is installed, unless
+  ``ICSK_TRITON=0``; mean and variance alone come from one ``torch.var_mean`` pass. The torch
+  path (no Triton) takes ``var_mean`` and one pass per other statistic, with histograms from
+  ``index_add_``, since ``bincount`` syncs with the host;
 * conv activations on the CPU (rows of >= 16 spatial values) get every statistic but the
   quantiles from one fused pass (:mod:`icsk.kernels`, numba) instead of one pass per statistic;
 * dense activations on the CPU (one value per unit and sample, batches up to 256) get every
@@ -24,7 +25,9 @@ histograms). Speed notes, measured on a 2-core CPU (see reports/benchmarks.md):
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,6 +73,16 @@ class StatSpec:
         for s in self.stats:
             out.extend(quantile_name(q) for q in self.quantiles) if s == "quantiles" else out.append(s)
         return out
+
+
+_triton_failed = False  # set when the Triton kernel failed while on by default: the torch path from then on
+
+
+def triton_enabled() -> bool:
+    """Whether CUDA reductions use the Triton kernel: ``ICSK_TRITON`` if set, else whether Triton
+    is installed (and has not failed in this process)."""
+    default = not _triton_failed and importlib.util.find_spec("triton") is not None
+    return kernels.env_flag("ICSK_TRITON", default)
 
 
 def _unit_sum(x: torch.Tensor) -> torch.Tensor:
@@ -136,7 +149,7 @@ class Reducer:
         fused = on_cpu and x.is_contiguous() and x.shape[3] >= kernels.MIN_ROW
         if fused:
             out = self._scan_fused(x, edges)
-        elif self.fused and x.device.type == "cuda" and self._triton_pays and kernels.env_flag("ICSK_TRITON", False):
+        elif self.fused and x.device.type == "cuda" and self._triton_pays and triton_enabled():
             out = self._scan_triton(x, edges)
         else:
             out = self._scan_torch(x, edges)
@@ -207,12 +220,24 @@ class Reducer:
         return {s: torch.from_numpy(v) for s, v in res.items() if s in stats}
 
     def _scan_triton(self, x: torch.Tensor, edges) -> dict[str, torch.Tensor]:
-        """Every statistic but the quantiles in one read on the GPU (:func:`icsk.gpu_kernels.scan`)."""
+        """Every statistic but the quantiles in one read on the GPU (:func:`icsk.gpu_kernels.scan`).
+
+        If Triton fails to import or compile while on by default (a broken install, no compiler
+        for this GPU), this warns once and the process keeps to the torch path; with
+        ``ICSK_TRITON=1`` the error is raised."""
+        global _triton_failed
         try:
-            from . import gpu_kernels  # imports Triton: only when asked for
-        except ImportError as e:
-            raise RuntimeError("ICSK_TRITON=1 needs Triton: pip install triton, or unset ICSK_TRITON") from e
-        res = gpu_kernels.scan(x, **self._kernel_options(edges), nonfinite="nonfinite" in self.spec.stats)
+            from . import gpu_kernels  # imports Triton: only when used
+
+            res = gpu_kernels.scan(x, **self._kernel_options(edges), nonfinite="nonfinite" in self.spec.stats)
+        except Exception as e:
+            if kernels.env_flag("ICSK_TRITON", False):
+                raise RuntimeError(f"ICSK_TRITON=1, but the Triton kernel failed ({type(e).__name__}: {e}); "
+                                   "fix the Triton install, or set ICSK_TRITON=0 for the torch path") from e
+            _triton_failed = True
+            warnings.warn(f"icsk: the Triton kernel failed ({type(e).__name__}: {e}); GPU statistics use the "
+                          "torch path from now on (set ICSK_TRITON=0 to skip Triton)", RuntimeWarning, stacklevel=2)
+            return self._scan_torch(x, edges)
         return {s: v for s, v in res.items() if s in self.spec.stats}
 
     def _scan_lanes(self, x: torch.Tensor, edges) -> dict[str, torch.Tensor]:

@@ -11,8 +11,9 @@ Usage: python scripts/bench_recorder.py [--quick] [--device cuda] [--write repor
 
 ``--base REV`` also times the Recorder of git revision REV in the same rounds (an in-process A/B
 of a change; no --write): ``python scripts/bench_recorder.py --peers none --only mlp --base HEAD~1``.
-With ``--device cuda`` and Triton installed, ``icsk-triton`` (icsk with ``ICSK_TRITON=1``: the
-fused kernel of :mod:`icsk.gpu_kernels`) runs in the same rounds too, with its ratio to icsk.
+With ``--device cuda`` and Triton installed, icsk uses the fused kernel of :mod:`icsk.gpu_kernels`,
+and ``icsk-torch`` (icsk with ``ICSK_TRITON=0``: the torch path) runs in the same rounds too, with
+its ratio to icsk; a table compares the two paths' reductions of each conv output alone.
 """
 
 from __future__ import annotations
@@ -145,20 +146,34 @@ class IcskRec:
         shutil.rmtree(self.rec.path, ignore_errors=True)
 
 
-class IcskTritonRec(IcskRec):
-    """icsk with ``ICSK_TRITON=1`` while its block runs (the reducer reads it at every reduction)."""
+class TritonEnv:
+    """``ICSK_TRITON`` set to ``on`` while a reduction runs (the reducer reads it at every call)."""
+
+    def __init__(self, on: bool):
+        self.on = on
 
     def __enter__(self):
         self._before = os.environ.get("ICSK_TRITON")
-        os.environ["ICSK_TRITON"] = "1"
-        return super().__enter__()
+        os.environ["ICSK_TRITON"] = "1" if self.on else "0"
 
     def __exit__(self, *a):
-        super().__exit__(*a)
         if self._before is None:
             os.environ.pop("ICSK_TRITON", None)
         else:
             os.environ["ICSK_TRITON"] = self._before
+
+
+class IcskTorchPathRec(IcskRec):
+    """icsk with ``ICSK_TRITON=0`` (GPU statistics on the torch path) while its block runs."""
+
+    def __enter__(self):
+        self._env = TritonEnv(False)
+        self._env.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *a):
+        super().__exit__(*a)
+        self._env.__exit__(*a)
 
 
 def triton_installed() -> bool:
@@ -235,7 +250,7 @@ def measure(name, model, x, y, layer_names, stats, steps_per_block, repeats, war
     if base is not None:
         configs["base"] = IcskRec(model, layer_names, stats, base)
     if x.is_cuda and triton_installed():
-        configs["icsk-triton"] = IcskTritonRec(model, layer_names, stats)
+        configs["icsk-torch"] = IcskTorchPathRec(model, layer_names, stats)
 
     def block(ctx) -> float:
         gc.collect()
@@ -286,40 +301,64 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def reduction_costs(repeats: int) -> list[str]:
-    """Milliseconds to reduce each VGG conv output (mean/var + 34-bin histogram), torch path vs
-    the fused kernel, interleaved, medians; as markdown table lines."""
-    from icsk import kernels
-    from icsk.stats import Reducer, StatSpec
-
-    if not kernels.available():
-        return ["(fused kernels unavailable: numba missing or ICSK_FUSED=0)"]
-    v = vgg_small()
+def conv_outputs(dev: torch.device) -> dict[str, torch.Tensor]:
+    """The VGG-small conv outputs of one batch of 128 random 32x32 images, by layer name."""
+    v = vgg_small().to(dev)
     outs: dict[str, torch.Tensor] = {}
     hooks = [mod.register_forward_hook(lambda m, i, o, n=n: outs.__setitem__(n, o.detach().clone()))
              for n, mod in v.named_modules() if isinstance(mod, nn.Conv2d)]
     with torch.no_grad():
-        v(torch.randn(128, 3, 32, 32))
+        v(torch.randn(128, 3, 32, 32, device=dev))
     for h in hooks:
         h.remove()
-    spec = StatSpec(stats=("mean", "var", "hist"), hist_bins=32)
-    paths = {"torch": Reducer(spec, fused=False), "fused": Reducer(spec)}
-    lines = ["| conv output | shape | torch path | fused kernel | speed-up |", "|---|---|---:|---:|---:|"]
-    total = {k: 0.0 for k in paths}
-    for name, out in outs.items():
-        x4 = out.reshape(1, out.shape[0], out.shape[1], -1)
-        times: dict[str, list[float]] = {k: [] for k in paths}
-        for r in range(repeats + 1):
-            for k, red in paths.items():
-                t0 = time.perf_counter()
-                red(x4, (-3.0, 3.0))
-                if r:
-                    times[k].append(time.perf_counter() - t0)
-        t = {k: statistics.median(ts) * 1e3 for k, ts in times.items()}
-        for k in paths:
-            total[k] += t[k]
-        lines.append(f"| {name} | {tuple(out.shape)} | {t['torch']:.1f} ms | {t['fused']:.1f} ms | {t['torch'] / t['fused']:.1f}x |")
-    lines.append(f"| all four | | {total['torch']:.1f} ms | {total['fused']:.1f} ms | {total['torch'] / total['fused']:.1f}x |")
+    return outs
+
+
+def reduction_costs(repeats: int, dev: torch.device) -> list[str]:
+    """Milliseconds to reduce each VGG conv output, interleaved, medians; markdown table lines.
+
+    On the CPU: mean/var + 34-bin histogram, torch path vs the fused numba kernel. On a GPU:
+    the torch path vs the fused Triton kernel (``ICSK_TRITON=1``), for mean/var + histogram and
+    for every statistic but the quantiles, each call timed from launch to the device's idle."""
+    from icsk import kernels
+    from icsk.stats import SCALAR_STATS, Reducer, StatSpec
+
+    gpu = dev.type == "cuda"
+    if gpu and not triton_installed():
+        return ["(Triton not installed: no fused GPU kernel to compare)"]
+    if not gpu and not kernels.available():
+        return ["(fused kernels unavailable: numba missing or ICSK_FUSED=0)"]
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    outs = conv_outputs(dev)
+    specs = {"mean/var + hist": ("mean", "var", "hist")}
+    if gpu:
+        specs["all but quantiles"] = (*(s for s in SCALAR_STATS if s != "quantiles"), "hist")
+    fast = "Triton kernel" if gpu else "fused kernel"
+    lines = [f"| statistics | conv output | shape | torch path | {fast} | speed-up |", "|---|---|---|---:|---:|---:|"]
+    for label, stats in specs.items():
+        spec = StatSpec(stats=stats, hist_bins=32)
+        paths = ({"torch": (Reducer(spec), TritonEnv(False)), "fast": (Reducer(spec), TritonEnv(True))} if gpu else
+                 {"torch": (Reducer(spec, fused=False), TritonEnv(False)), "fast": (Reducer(spec), TritonEnv(False))})
+        total = {k: 0.0 for k in paths}
+        for name, out in outs.items():
+            x4 = out.reshape(1, out.shape[0], out.shape[1], -1)
+            times: dict[str, list[float]] = {k: [] for k in paths}
+            for r in range(repeats + 3):  # three warm-up calls: compilation, scratch buffers
+                for k, (red, env) in paths.items():
+                    with env:
+                        sync()
+                        t0 = time.perf_counter()
+                        red(x4, (-3.0, 3.0))
+                        sync()
+                    if r >= 3:
+                        times[k].append(time.perf_counter() - t0)
+            t = {k: statistics.median(ts) * 1e3 for k, ts in times.items()}
+            for k in paths:
+                total[k] += t[k]
+            lines.append(f"| {label} | {name} | {tuple(out.shape)} | {t['torch']:.3f} ms | {t['fast']:.3f} ms | "
+                         f"{t['torch'] / t['fast']:.2f}x |")
+        lines.append(f"| {label} | all four | | {total['torch']:.3f} ms | {total['fast']:.3f} ms | "
+                     f"{total['torch'] / total['fast']:.2f}x |")
     return lines
 
 
@@ -356,8 +395,8 @@ def main() -> None:
                     help=f"comma-separated peers to time (default all: {','.join(PEERS)}); 'none' times icsk "
                          "against plain training only, so many more rounds fit in the same time (no --write)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                    help="where models and hooks run; cuda times the MLP once (no thread settings) and skips "
-                         "the CPU-only memory and reduction-cost tables")
+                    help="where models and hooks run; cuda times the MLP once (no thread settings), skips "
+                         "the CPU-only memory check and compares the torch path with the Triton kernel")
     ap.add_argument("--base", default=None, metavar="REV",
                     help="also time the Recorder of git revision REV in the same rounds and print icsk/base per "
                          "round with a 95%% interval (an A/B of a change; no --write)")
@@ -417,12 +456,13 @@ def main() -> None:
         lines.append(f"Memory: recording {args.memory_steps:,} MLP steps (3 layers, mean/var/3 quantiles, every step) "
                      f"grew resident memory by **{grow:.1f} MB** after step 2,000 (target < 50 MB: {ok}); "
                      f"run folder on disk: {disk:.1f} MB.")
-    if args.only != "mlp" and not gpu:
-        lines += ["", f"Per-step reduction cost of each VGG conv output on the CPU ({torch.get_num_threads()} threads; "
-                  "mean/var + 32-bin histogram, medians of interleaved repeats):", ""]
-        lines += reduction_costs(repeats=max(5, reps))
+    if args.only != "mlp":
+        where_reduced = torch.cuda.get_device_name() if gpu else f"the CPU, {torch.get_num_threads()} threads"
+        lines += ["", f"Per-step reduction cost of each VGG conv output on {where_reduced} (32-bin histograms, "
+                  "medians of interleaved repeats):", ""]
+        lines += reduction_costs(repeats=max(20, reps) if gpu else max(5, reps), dev=dev)
     for other, label, versus in (("base", f"icsk@{args.base}", f"this tree / {args.base}"),
-                                 ("icsk-triton", "icsk with ICSK_TRITON=1", "ICSK_TRITON=1 / icsk")):
+                                 ("icsk-torch", "icsk with ICSK_TRITON=0 (torch path)", "ICSK_TRITON=0 / icsk")):
         if any(other in r for _, r, _ in rows):
             lines.append("")
         for title, r, _ in rows:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from icsk import stats
 from icsk.stats import Reducer, StatSpec
 from test_kernels import BINS, EDGES, awkward, ref_of
 
@@ -158,8 +159,8 @@ def test_triton_kernels_compile_for_an_h100(tmp_path):
 
 
 @needs_cuda
-def test_reducer_uses_the_triton_kernel_on_cuda_when_enabled(monkeypatch):
-    monkeypatch.setenv("ICSK_TRITON", "1")
+def test_reducer_uses_the_triton_kernel_on_cuda_by_default(monkeypatch):
+    monkeypatch.delenv("ICSK_TRITON", raising=False)
     x = awkward(2, 16, 6, 64, seed=5).cuda()
     calls = []
     real = gpu_kernels.scan
@@ -172,3 +173,40 @@ def test_reducer_uses_the_triton_kernel_on_cuda_when_enabled(monkeypatch):
     assert torch.equal(got["hist"], plain["hist"])
     for stat in plain:
         torch.testing.assert_close(got[stat], plain[stat], rtol=1e-5, atol=1e-6, equal_nan=True, msg=stat)
+    monkeypatch.setenv("ICSK_TRITON", "0")  # the switch back to the torch path
+    Reducer(spec)(x, EDGES)
+    assert len(calls) == 1
+
+
+def test_triton_is_on_when_installed_unless_switched_off(monkeypatch):
+    monkeypatch.setattr(stats, "_triton_failed", False)
+    monkeypatch.delenv("ICSK_TRITON", raising=False)
+    assert stats.triton_enabled()
+    monkeypatch.setenv("ICSK_TRITON", "0")
+    assert not stats.triton_enabled()
+    monkeypatch.delenv("ICSK_TRITON")
+    monkeypatch.setattr(stats.importlib.util, "find_spec", lambda name: None)  # Triton not installed
+    assert not stats.triton_enabled()
+
+
+def test_a_failing_triton_kernel_falls_back_to_torch_unless_forced(monkeypatch):
+    """On by default, a kernel that fails (broken install, no compiler) warns once and the torch
+    path takes over for the process; with ICSK_TRITON=1 the error is raised, naming the switch."""
+    monkeypatch.setattr(stats, "_triton_failed", False)
+    monkeypatch.delenv("ICSK_TRITON", raising=False)
+
+    def broken(*a, **k):
+        raise RuntimeError("PTX assembler not found")
+
+    monkeypatch.setattr(gpu_kernels, "scan", broken)
+    x = awkward(1, 8, 3, 20, seed=2)
+    with pytest.warns(RuntimeWarning, match="torch path from now on"):
+        got = Reducer(SPEC)._scan_triton(x, EDGES)
+    plain = Reducer(SPEC, fused=False)._scan_torch(x, EDGES)
+    assert got.keys() == plain.keys()
+    for stat in plain:
+        torch.testing.assert_close(got[stat], plain[stat], rtol=0, atol=0, equal_nan=True, msg=stat)
+    assert not stats.triton_enabled()  # for the rest of the process
+    monkeypatch.setenv("ICSK_TRITON", "1")
+    with pytest.raises(RuntimeError, match="ICSK_TRITON=0"):
+        Reducer(SPEC)._scan_triton(x, EDGES)
