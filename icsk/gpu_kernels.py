@@ -159,10 +159,16 @@ def _combine(p_ptr, h_ptr, out_ptr, hist_ptr, n_units, n_split,
             h += tl.load(h_ptr + row * NBP + tl.arange(0, NBP))
     finite = n_bad == 0  # else torch's results: the plain sum's mean (inf or NaN), a NaN variance
     nan = zero + float("nan")
+    # finite values whose means differ by more than float32's range (3e38 and -3e38 in two
+    # slices) overflow the merge: then the plain sum's mean, and an infinite variance
+    merged = shift + off
+    mean_ok = merged - merged == 0
+    var_ok = mean_ok & (m2 - m2 == 0)  # squared deviations past float32's range: inf too
     # results divide with IEEE rounding (div_rn): a compiled '/' is an approximate division
     # (div.full.f32, up to 2 ulp), which made fractions differ from the torch path's in the last bit
-    tl.store(out_ptr + unit, tl.where(finite, shift + off, tl.div_rn(total, cnt)))
-    tl.store(out_ptr + n_units + unit, tl.where(finite, tl.div_rn(m2, cnt - 1.0), nan))
+    tl.store(out_ptr + unit, tl.where(finite & mean_ok, merged, tl.div_rn(total, cnt)))
+    tl.store(out_ptr + n_units + unit,
+             tl.where(finite, tl.where(var_ok, tl.div_rn(m2, cnt - 1.0), zero + float("inf")), nan))
     tl.store(out_ptr + 2 * n_units + unit, tl.where(n_nan > 0, nan, lo))
     tl.store(out_ptr + 3 * n_units + unit, tl.where(n_nan > 0, nan, hi))
     tl.store(out_ptr + 4 * n_units + unit, tl.div_rn(n_sat, cnt))

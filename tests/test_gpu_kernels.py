@@ -91,7 +91,11 @@ def test_triton_kernel_variance_does_not_cancel(monkeypatch):
     np.testing.assert_allclose(out["var"].double()[:, 1:], ref.var((1, 3))[:, 1:], rtol=1e-5)
 
 
-def test_triton_kernel_overflow_and_nan_give_what_torch_gives():
+@pytest.mark.parametrize("programs_per_sm", [4, 64], ids=["few-slices", "many-slices"])
+def test_triton_kernel_overflow_and_nan_give_what_torch_gives(monkeypatch, programs_per_sm):
+    """With many slices, 3e38 and -3e38 land in different slices, whose means' difference
+    overflows float32 when merged (a GPU's 132 SMs give one sample per slice here)."""
+    monkeypatch.setattr(gpu_kernels, "_PROGRAMS_PER_SM", programs_per_sm)
     n = 60
     big = 3e38
     cols = [[big, -big] + [0.0] * (n - 2), [float("inf")] + [1.0] * (n - 1), [float("nan")] + [1.0] * (n - 1)]
