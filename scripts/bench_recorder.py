@@ -198,6 +198,11 @@ def make_step(model, x, y) -> Callable[[], None]:
 
 
 PEERS = ("naive-numpy", "torch-simple", "fastai-item")
+VGG_STATS = {  # --vgg-stats: (label, statistics)
+    "moments+hist": ("mean/var + 32-bin histogram", ("mean", "var", "hist")),
+    "all-but-quantiles": ("every statistic but the quantiles (32-bin histogram)",
+                          ("mean", "var", "min", "max", "frac_sat", "frac_zero", "nonfinite", "hist")),
+}
 
 
 def median_ci(ratios: list[float], level: float = 0.95, resamples: int = 4000) -> tuple[float, float]:
@@ -321,7 +326,7 @@ def reduction_costs(repeats: int, dev: torch.device) -> list[str]:
     the torch path vs the fused Triton kernel (``ICSK_TRITON=1``), for mean/var + histogram and
     for every statistic but the quantiles, each call timed from launch to the device's idle."""
     from icsk import kernels
-    from icsk.stats import SCALAR_STATS, Reducer, StatSpec
+    from icsk.stats import Reducer, StatSpec
 
     gpu = dev.type == "cuda"
     if gpu and not triton_installed():
@@ -330,9 +335,9 @@ def reduction_costs(repeats: int, dev: torch.device) -> list[str]:
         return ["(fused kernels unavailable: numba missing or ICSK_FUSED=0)"]
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     outs = conv_outputs(dev)
-    specs = {"mean/var + hist": ("mean", "var", "hist")}
+    specs = {"mean/var + hist": VGG_STATS["moments+hist"][1]}
     if gpu:
-        specs["all but quantiles"] = (*(s for s in SCALAR_STATS if s != "quantiles"), "hist")
+        specs["all but quantiles"] = VGG_STATS["all-but-quantiles"][1]
     fast = "Triton kernel" if gpu else "fused kernel"
     lines = [f"| statistics | conv output | shape | torch path | {fast} | speed-up |", "|---|---|---|---:|---:|---:|"]
     for label, stats in specs.items():
@@ -400,6 +405,11 @@ def main() -> None:
     ap.add_argument("--base", default=None, metavar="REV",
                     help="also time the Recorder of git revision REV in the same rounds and print icsk/base per "
                          "round with a 95%% interval (an A/B of a change; no --write)")
+    ap.add_argument("--vgg-batch", type=int, default=128, help="VGG batch size (default 128; others: no --write)")
+    ap.add_argument("--vgg-stats", choices=list(VGG_STATS), default="moments+hist",
+                    help="VGG statistics: mean/var + histogram (default), or every statistic but the quantiles "
+                         "(no --write)")
+    ap.add_argument("--vgg-steps", type=int, default=None, help="VGG steps per timed block (default 20 on GPUs, 3 on the CPU)")
     ap.add_argument("--write", type=Path, default=None, help="replace the '## Recorder overhead' section of this markdown file")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -412,7 +422,10 @@ def main() -> None:
     if bad := set(args.peers) - set(PEERS):
         ap.error(f"--peers: unknown peer(s) {sorted(bad)}; choose from {','.join(PEERS)} or 'none'")
     dev = torch.device(args.device)
-    partial = bool(args.only) or args.peers != list(PEERS) or bool(args.base)  # not the full table: nothing written
+    partial = (bool(args.only) or args.peers != list(PEERS) or bool(args.base) or args.vgg_batch != 128
+               or args.vgg_stats != "moments+hist" or args.vgg_steps is not None)  # not the full table: nothing written
+    if args.vgg_batch < 1:
+        ap.error(f"--vgg-batch must be >= 1, got {args.vgg_batch}")
     base = base_recorder(args.base) if args.base else None
     if partial:
         args.write = None
@@ -433,13 +446,14 @@ def main() -> None:
     torch.set_num_threads(default_threads)
     v = vgg_small().to(dev)
     convs = [n for n, mod in v.named_modules() if isinstance(mod, nn.Conv2d)]
+    vb, (stats_label, vgg_stats) = args.vgg_batch, VGG_STATS[args.vgg_stats]
     res = None if args.only == "mlp" else measure(
-        "vgg", v, torch.randn(128, 3, 32, 32, device=dev), torch.randint(0, 10, (128,), device=dev), convs,
-        ("mean", "var", "hist"), steps_per_block=(5 if gpu else 2) if args.quick else (20 if gpu else 3), repeats=reps,
-        peers=args.peers, base=base)
+        "vgg", v, torch.randn(vb, 3, 32, 32, device=dev), torch.randint(0, 10, (vb,), device=dev), convs,
+        vgg_stats, steps_per_block=args.vgg_steps or ((5 if gpu else 2) if args.quick else (20 if gpu else 3)),
+        repeats=reps, peers=args.peers, base=base)
     if res is not None:
-        rows.append((f"VGG-small 32x32, batch 128, {where(default_threads)}: mean/var + 32-bin "
-                     "histogram of 4 conv layers, every step", res, 1.05))
+        rows.append((f"VGG-small 32x32, batch {vb}, {where(default_threads)}: {stats_label} of 4 conv layers, "
+                     "every step", res, 1.05))
     lines = ["| setting | plain step | icsk | icsk, middle half of rounds | icsk, 95 % interval of the median | "
              "naive-numpy | torch-simple | fastai-item | target (icsk) |", "|---|---|---|---|---|---|---|---|---|"]
     for title, r, target in rows:
