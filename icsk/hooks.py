@@ -12,10 +12,13 @@ Design (see DESIGN.md, ANCHORS.md):
 
 from __future__ import annotations
 
+import atexit
 import difflib
 import shutil
 import tempfile
+import threading
 import warnings
+import weakref
 from concurrent.futures import Future
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -196,6 +199,29 @@ class _LayerState:
         self.slots = self.buffers[active][1] if self.buffers else None
 
 
+# torch.func's transforms (vmap, grad, jacrev, ...) wrap the tensors a forward sees; a copy out
+# of one is refused (vmap: a batched value into an unbatched buffer; grad: a captured mutation)
+_functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+
+
+_open: weakref.WeakSet[Recorder] = weakref.WeakSet()  # entered or attached, not closed yet
+
+
+def _close_open_recorders() -> None:
+    """At interpreter exit, close Recorders still open (``attach()`` without ``close()``, or a
+    script ended by an exception outside a ``with``), so what they hold is written."""
+    for rec in list(_open):
+        try:
+            rec.close()
+        except Exception as e:  # one failing Recorder must not keep the others from closing
+            warnings.warn(f"icsk: closing the Recorder on {rec.path} at exit failed: {e}", RuntimeWarning, stacklevel=1)
+
+
+# threading's exit hooks run before concurrent.futures stops its workers (registered earlier,
+# called in reverse), which the flush still needs; plain atexit hooks would run after that
+getattr(threading, "_register_atexit", atexit.register)(_close_open_recorders)
+
+
 def _inert_hook(*args: Any, **kwargs: Any) -> None:
     """What a Recorder's hook becomes in a copy of the model (deepcopy, pickle): nothing."""
 
@@ -344,6 +370,7 @@ class Recorder:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._entered = False
         self._paused = 0
+        self._warned_transform = False  # a forward inside a torch.func transform was skipped
         self._forced_mode: str | None = None  # "probe" inside probe(): forwards tagged so, whatever the flag
         self._pending_steps = 0
         self._saved_meta: dict | None = None  # recorder.json as last written (rewritten only on change)
@@ -357,6 +384,7 @@ class Recorder:
         except FolderBusyError as e:
             raise RecorderError(str(e)) from None
         self._entered = True
+        _open.add(self)
         self._sync_hooks()
         return self
 
@@ -375,8 +403,10 @@ class Recorder:
         self._handles = []
 
     def close(self) -> None:
-        """Remove hooks and flush everything recorded to the run folder. Idempotent."""
+        """Remove hooks and flush everything recorded to the run folder. Idempotent; Recorders
+        left open are closed at interpreter exit."""
         self._entered = False
+        _open.discard(self)
         self.remove()
         try:
             self.flush(wait=True)
@@ -495,6 +525,9 @@ class Recorder:
             return
         if self.select is not None and not isinstance(value, torch.Tensor):
             value = self._selected(name, value)
+        if _functorch_wrapped is not None and isinstance(value, torch.Tensor) and _functorch_wrapped(value):
+            self._skip_transformed(name)
+            return
         slots = state.slots
         if (slots is not None and type(value) is torch.Tensor and value.shape == state.shape
                 and value.device == state.device):
@@ -512,6 +545,14 @@ class Recorder:
             return
         x = (value if type(value) is torch.Tensor else self._tensor_of(name, module, value)).detach()
         self._capture_slow(state, name, module, x)
+
+    def _skip_transformed(self, name: str) -> None:
+        """A forward inside a torch.func transform is not recorded; the first one warns."""
+        if not self._warned_transform:
+            self._warned_transform = True
+            warnings.warn(f"icsk: layer {name!r} ran inside a torch.func transform (vmap, grad, jacrev, ...); such "
+                          "forwards are not recorded. Run them inside rec.paused() to say so and silence this warning.",
+                          RuntimeWarning, stacklevel=2)
 
     def _check_path_is_free(self) -> None:
         """Refuse to write steps into a folder that already holds them (a second Recorder on the

@@ -370,6 +370,55 @@ def test_only_first_forward_of_a_step_and_paused_forwards_are_ignored():
     assert frame_values(rec.to_frame(), 0, "0", "mean").tolist() == [1.0]
 
 
+def test_forwards_inside_torch_func_transforms_are_skipped_with_one_warning():
+    """vmap's batched values and grad's tracked ones cannot be copied out (the copy crashed);
+    they are skipped, warned about once, and the step's own forward is still recorded."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh())
+    x = torch.randn(5, 4)
+    params = dict(model.named_parameters())
+    with icsk.Recorder(model, layers=["0"], stats=["mean"]) as rec:
+        with pytest.warns(RuntimeWarning, match="torch.func transform") as caught:
+            torch.func.vmap(model)(torch.randn(7, 5, 4))  # per-sample shape (5, 4): the training shape
+            torch.func.grad(lambda p: torch.func.functional_call(model, p, (x,)).sum())(params)
+        assert sum("torch.func" in str(w.message) for w in caught) == 1
+        model(x)
+        rec.step()
+        with rec.paused():  # said explicitly: no warning
+            torch.func.vmap(model)(torch.randn(7, 5, 4))
+        model(x * 2)
+        rec.step()
+    frame = rec.to_frame()
+    assert sorted(frame.step.unique()) == [0, 1]
+    with torch.no_grad():
+        np.testing.assert_allclose(frame_values(frame, 0, "0", "mean"), model[0](x).mean(0).numpy(), rtol=1e-5)
+        np.testing.assert_allclose(frame_values(frame, 1, "0", "mean"), model[0](x * 2).mean(0).numpy(), rtol=1e-5)
+
+
+def test_a_recorder_left_open_is_closed_at_interpreter_exit(tmp_path):
+    """attach() without close(): a script that ends, or dies of an exception, still writes
+    every step it recorded (they had been lost with the process)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "left_open.py"
+    script.write_text(
+        "import sys, torch, icsk\n"
+        "from torch import nn\n"
+        "m = nn.Sequential(nn.Linear(4, 3))\n"
+        "rec = icsk.Recorder(m, layers=['0'], stats=['mean'], path=sys.argv[1], flush_every=1000).attach()\n"
+        "for _ in range(3):\n"
+        "    m(torch.randn(5, 4)); rec.step()\n"
+        "if sys.argv[2] == 'raise':\n"
+        "    raise RuntimeError('the script dies')\n")
+    for how in ("ends", "raise"):
+        res = subprocess.run([sys.executable, str(script), str(tmp_path / how), how], capture_output=True, text=True,
+                             timeout=120)
+        assert (res.returncode != 0) == (how == "raise"), res.stderr
+        frame = load_run(tmp_path / how)
+        assert sorted(frame.step.unique()) == [0, 1, 2], how
+
+
 def test_layer_selection_and_errors():
     model = nn.Sequential()
     model.add_module("enc", nn.Sequential(nn.Linear(3, 3), nn.ReLU()))
