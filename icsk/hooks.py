@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import difflib
+import os
 import shutil
 import tempfile
 import threading
@@ -220,6 +221,10 @@ def _close_open_recorders() -> None:
 # threading's exit hooks run before concurrent.futures stops its workers (registered earlier,
 # called in reverse), which the flush still needs; plain atexit hooks would run after that
 getattr(threading, "_register_atexit", atexit.register)(_close_open_recorders)
+# a forked child (a DataLoader worker) has none of the parent's threads and shares its lease's
+# lock: it must not close the parent's Recorders at its exit (it hung there, waiting on them)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_open.clear)
 
 
 def _inert_hook(*args: Any, **kwargs: Any) -> None:

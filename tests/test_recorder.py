@@ -419,6 +419,30 @@ def test_a_recorder_left_open_is_closed_at_interpreter_exit(tmp_path):
         assert sorted(frame.step.unique()) == [0, 1, 2], how
 
 
+def _exit_quietly() -> None:
+    pass
+
+
+def test_a_forked_child_leaves_the_parents_open_recorder_alone(tmp_path):
+    """A DataLoader-style forked worker inherits the open Recorder but none of its threads: at
+    its exit it must not try to close it (it hung there, waiting on the parent's writer)."""
+    import multiprocessing
+
+    model = nn.Sequential(nn.Linear(4, 3))
+    with icsk.Recorder(model, layers=["0"], stats=["mean"], path=tmp_path / "run") as rec:
+        model(torch.randn(5, 4))
+        rec.step()
+        child = multiprocessing.get_context("fork").Process(target=_exit_quietly)
+        child.start()
+        child.join(30)
+        if child.is_alive():
+            child.kill()
+        assert child.exitcode == 0
+        model(torch.randn(5, 4))
+        rec.step()
+    assert sorted(load_run(tmp_path / "run").step.unique()) == [0, 1]
+
+
 def test_layer_selection_and_errors():
     model = nn.Sequential()
     model.add_module("enc", nn.Sequential(nn.Linear(3, 3), nn.ReLU()))
