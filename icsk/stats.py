@@ -25,6 +25,7 @@ histograms). Speed notes, measured on a 2-core CPU (see reports/benchmarks.md):
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import warnings
@@ -78,11 +79,15 @@ class StatSpec:
 _triton_failed = False  # set when the Triton kernel failed while on by default: the torch path from then on
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None  # ~80 us when not imported yet: once
+
+
 def triton_enabled() -> bool:
     """Whether CUDA reductions use the Triton kernel: ``ICSK_TRITON`` if set, else whether Triton
     is installed (and has not failed in this process)."""
-    default = not _triton_failed and importlib.util.find_spec("triton") is not None
-    return kernels.env_flag("ICSK_TRITON", default)
+    return kernels.env_flag("ICSK_TRITON", not _triton_failed and _triton_installed())
 
 
 def _unit_sum(x: torch.Tensor) -> torch.Tensor:
