@@ -19,8 +19,8 @@ gets the plain sum's mean (inf for infinities of one sign, where the GPU torch p
 the float32 operations of :meth:`icsk.stats.Reducer._histogram`, so every value lands in the
 same bin. :class:`icsk.stats.Reducer` uses it on CUDA tensors when Triton is installed (unless
 ``ICSK_TRITON=0``), for statistics besides mean and variance, which ``var_mean`` gives in one
-launch: on an H100 it reduced the VGG benchmark's conv outputs 1.5x (mean, variance and a
-histogram) to 2.4x (every statistic but the quantiles) faster than the torch path
+launch: on an H100 it reduced the VGG benchmark's conv outputs 1.7x (mean, variance and a
+histogram) to 2.5x (every statistic but the quantiles) faster than the torch path
 (reports/benchmarks.md). Importing this module imports Triton; with ``TRITON_INTERPRET=1`` set before
 Triton is first imported, the kernels run in Triton's interpreter on CPU tensors, which is how
 the tests check them on machines without a GPU.

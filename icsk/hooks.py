@@ -210,7 +210,14 @@ _open: weakref.WeakSet[Recorder] = weakref.WeakSet()  # entered or attached, not
 
 def _close_open_recorders() -> None:
     """At interpreter exit, close Recorders still open (``attach()`` without ``close()``, or a
-    script ended by an exception outside a ``with``), so what they hold is written."""
+    script ended by an exception outside a ``with``), so what they hold is written. A live
+    non-daemon thread that opened one is joined first (the interpreter would join it next; it
+    may still be recording)."""
+    me = threading.current_thread()
+    for rec in list(_open):
+        owner = rec._owner
+        if owner is not None and owner is not me and not owner.daemon and owner.is_alive():
+            owner.join()
     for rec in list(_open):
         try:
             rec.close()
@@ -360,6 +367,7 @@ class Recorder:
         self.stage_bytes = None if stage_mb is None else int(stage_mb * 2**20)
         self.max_stage_steps = int(max_stage_steps)
         self.current_step = int(start_step)
+        self._pid = os.getpid()  # a forked child's copy must not clean up the parent's folders
         self._tmpdir = None
         if path is None:
             self._tmpdir = tempfile.mkdtemp(prefix="icsk-rec-")
@@ -375,6 +383,7 @@ class Recorder:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._entered = False
         self._paused = 0
+        self._owner: threading.Thread | None = None  # the thread that entered (joined before closing at exit)
         self._warned_transform = False  # a forward inside a torch.func transform was skipped
         self._forced_mode: str | None = None  # "probe" inside probe(): forwards tagged so, whatever the flag
         self._pending_steps = 0
@@ -389,6 +398,7 @@ class Recorder:
         except FolderBusyError as e:
             raise RecorderError(str(e)) from None
         self._entered = True
+        self._owner = threading.current_thread()
         _open.add(self)
         self._sync_hooks()
         return self
@@ -411,10 +421,10 @@ class Recorder:
         """Remove hooks and flush everything recorded to the run folder. Idempotent; Recorders
         left open are closed at interpreter exit."""
         self._entered = False
-        _open.discard(self)
         self.remove()
         try:
             self.flush(wait=True)
+            _open.discard(self)  # (an interrupted flush is tried again at exit)
         finally:
             self._lease.release()
 
@@ -811,6 +821,8 @@ class Recorder:
         return read_histograms(self.stats_dir, layers, steps, mode)
 
     def __del__(self) -> None:
+        if os.getpid() != getattr(self, "_pid", None):  # a forked child's copy (or a failed __init__)
+            return
         try:
             self.remove()
             self._lease.release()

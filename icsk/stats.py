@@ -235,6 +235,8 @@ class Reducer:
             from . import gpu_kernels  # imports Triton: only when used
 
             res = gpu_kernels.scan(x, **self._kernel_options(edges), nonfinite="nonfinite" in self.spec.stats)
+        except torch.cuda.OutOfMemoryError:
+            raise  # not the kernel's fault, and the torch path needs more memory
         except Exception as e:
             if kernels.env_flag("ICSK_TRITON", False):
                 raise RuntimeError(f"ICSK_TRITON=1, but the Triton kernel failed ({type(e).__name__}: {e}); "

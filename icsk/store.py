@@ -95,6 +95,7 @@ class FolderLease:
     def __init__(self, folder: str | os.PathLike):
         self.path = Path(folder) / ".writer"
         self._fd: int | None = None
+        self._pid = os.getpid()  # the holder: a forked child shares the lock but must not give it up
 
     def acquire(self) -> None:
         """Claim the folder (idempotent); FolderBusyError when a live writer holds it."""
@@ -123,15 +124,19 @@ class FolderLease:
             if same:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
-                self._fd = fd
+                self._fd, self._pid = fd, os.getpid()
                 return
             os.close(fd)
         raise FolderBusyError(f"could not claim {self.path.parent}: {self.path} keeps being replaced")
 
     def release(self) -> None:
-        """Give the claim up (idempotent): the file goes first, then the lock."""
+        """Give the claim up (idempotent): the file goes first, then the lock. In a forked child,
+        which shares the holder's lock, only the child's descriptor is closed."""
         fd, self._fd = self._fd, None
         if fd is None:
+            return
+        if os.getpid() != self._pid:
+            os.close(fd)
             return
         try:
             self.path.unlink(missing_ok=True)

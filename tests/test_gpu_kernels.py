@@ -214,3 +214,18 @@ def test_a_failing_triton_kernel_falls_back_to_torch_unless_forced(monkeypatch):
     monkeypatch.setenv("ICSK_TRITON", "1")
     with pytest.raises(RuntimeError, match="ICSK_TRITON=0"):
         Reducer(SPEC)._scan_triton(x, EDGES)
+
+
+def test_out_of_memory_in_the_triton_kernel_is_raised_and_keeps_it_on(monkeypatch):
+    """Out of memory is not the kernel's fault (and the torch path needs more memory): raised
+    as it is, and Triton stays on for the next reductions."""
+    monkeypatch.setattr(stats, "_triton_failed", False)
+    monkeypatch.delenv("ICSK_TRITON", raising=False)
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(gpu_kernels, "scan", oom)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        Reducer(SPEC)._scan_triton(awkward(1, 8, 3, 20, seed=2), EDGES)
+    assert stats.triton_enabled()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -395,28 +397,28 @@ def test_forwards_inside_torch_func_transforms_are_skipped_with_one_warning():
         np.testing.assert_allclose(frame_values(frame, 1, "0", "mean"), model[0](x * 2).mean(0).numpy(), rtol=1e-5)
 
 
+def _run_script(tmp_path, body: str, *args: str) -> subprocess.CompletedProcess:
+    """Runs ``body`` as a script in ``tmp_path``, after a preamble that imports what it needs and
+    makes a Linear model ``m``."""
+    script = tmp_path / "script.py"
+    script.write_text("import os, sys, threading, time, torch, icsk\nfrom torch import nn\n"
+                      "m = nn.Sequential(nn.Linear(4, 3))\n" + body)
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+
+
 def test_a_recorder_left_open_is_closed_at_interpreter_exit(tmp_path):
     """attach() without close(): a script that ends, or dies of an exception, still writes
     every step it recorded (they had been lost with the process)."""
-    import subprocess
-    import sys
-
-    script = tmp_path / "left_open.py"
-    script.write_text(
-        "import sys, torch, icsk\n"
-        "from torch import nn\n"
-        "m = nn.Sequential(nn.Linear(4, 3))\n"
-        "rec = icsk.Recorder(m, layers=['0'], stats=['mean'], path=sys.argv[1], flush_every=1000).attach()\n"
-        "for _ in range(3):\n"
-        "    m(torch.randn(5, 4)); rec.step()\n"
-        "if sys.argv[2] == 'raise':\n"
-        "    raise RuntimeError('the script dies')\n")
     for how in ("ends", "raise"):
-        res = subprocess.run([sys.executable, str(script), str(tmp_path / how), how], capture_output=True, text=True,
-                             timeout=120)
+        res = _run_script(tmp_path, (
+            "rec = icsk.Recorder(m, layers=['0'], stats=['mean'], path=sys.argv[1], flush_every=1000).attach()\n"
+            "for _ in range(3):\n"
+            "    m(torch.randn(5, 4)); rec.step()\n"
+            "if sys.argv[2] == 'raise':\n"
+            "    raise RuntimeError('the script dies')\n"), str(tmp_path / how), how)
         assert (res.returncode != 0) == (how == "raise"), res.stderr
-        frame = load_run(tmp_path / how)
-        assert sorted(frame.step.unique()) == [0, 1, 2], how
+        assert sorted(load_run(tmp_path / how).step.unique()) == [0, 1, 2], how
 
 
 def _exit_quietly() -> None:
@@ -441,6 +443,42 @@ def test_a_forked_child_leaves_the_parents_open_recorder_alone(tmp_path):
         model(torch.randn(5, 4))
         rec.step()
     assert sorted(load_run(tmp_path / "run").step.unique()) == [0, 1]
+
+
+
+
+def test_a_thread_still_recording_at_exit_is_joined_before_its_recorder_is_closed(tmp_path):
+    """The main thread returns while a (non-daemon) training thread still records: the exit
+    hook waits for it instead of closing its Recorder under it (steps after that were dropped)."""
+    res = _run_script(tmp_path, (
+        "def train():\n"
+        "    with icsk.Recorder(m, layers=['0'], stats=['mean'], path='run') as rec:\n"
+        "        for _ in range(20):\n"
+        "            m(torch.randn(5, 4)); rec.step(); time.sleep(0.02)\n"
+        "threading.Thread(target=train).start()\n"
+        "time.sleep(0.1)\n"))
+    assert res.returncode == 0, res.stderr
+    assert sorted(load_run(tmp_path / "run").step.unique()) == list(range(20))
+
+
+def test_a_forked_child_that_exits_keeps_the_parents_folder_and_claim(tmp_path):
+    """An os.fork() child that ends normally finalizes its copy of the Recorder: that must not
+    delete the parent's temporary folder nor give up the parent's claim (shared lock)."""
+    res = _run_script(tmp_path, (
+        "rec = icsk.Recorder(m, layers=['0'], stats=['mean']).attach()\n"
+        "m(torch.randn(5, 4)); rec.step(); rec.flush(wait=True)\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    sys.exit(0)\n"
+        "os.waitpid(pid, 0)\n"
+        "try:\n"
+        "    icsk.Recorder(m, layers=['0'], path=rec.path).attach(); print('second accepted')\n"
+        "except icsk.RecorderError:\n"
+        "    print('second refused')\n"
+        "m(torch.randn(5, 4)); rec.step(); rec.close()\n"
+        "print('steps', sorted(int(s) for s in icsk.load_run(rec.path).step.unique()))\n"))
+    assert res.returncode == 0, res.stderr
+    assert "second refused" in res.stdout and "steps [0, 1]" in res.stdout, res.stdout
 
 
 def test_layer_selection_and_errors():
@@ -694,24 +732,16 @@ def test_worker_threads_run_single_threaded_at_idle_priority(tmp_path):
 
 def test_sigterm_under_graceful_signals_flushes_what_was_recorded(tmp_path):
     """The README's recipe for scripts: SIGTERM mid-training still leaves every recorded step on disk."""
-    import subprocess
-    import sys
-    import textwrap
-
-    script = textwrap.dedent(f"""
-        import os, signal, torch, torch.nn as nn, icsk
-        from icsk.experiment import graceful_signals
-        model = nn.Sequential(nn.Linear(3, 2))
-        with graceful_signals(), icsk.Recorder(model, path={str(tmp_path)!r}, stats=["mean"], flush_every=1000) as rec:
-            for i in range(100):
-                model(torch.randn(4, 3))
-                rec.step()
-                if i == 50:
-                    os.kill(os.getpid(), signal.SIGTERM)
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    proc = _run_script(tmp_path, (
+        "import signal\n"
+        "from icsk.experiment import graceful_signals\n"
+        "with graceful_signals(), icsk.Recorder(m, path='run', stats=['mean'], flush_every=1000) as rec:\n"
+        "    for i in range(100):\n"
+        "        m(torch.randn(5, 4)); rec.step()\n"
+        "        if i == 50:\n"
+        "            os.kill(os.getpid(), signal.SIGTERM)\n"))
     assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr
-    assert sorted(set(load_run(tmp_path).step)) == list(range(51))
+    assert sorted(set(load_run(tmp_path / "run").step)) == list(range(51))
 
 
 def test_a_second_recorder_on_a_used_path_refuses_to_mix_steps_and_continues_it_after(tmp_path):
