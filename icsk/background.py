@@ -5,24 +5,38 @@ and slow every training step down (2.5x measured on 2 cores), so workers run tor
 thread. On Linux they also run at idle priority (``SCHED_IDLE``): they use cycles the training
 threads leave free and never preempt them. When training keeps every core busy, a worker still
 gets its turn the moment the training thread waits for it (a full staging buffer, a flush).
+Other processes keeping every core busy would starve it, and training with it: a wait longer
+than ``STARVED_S`` moves the workers to normal priority for the rest of the process (or, where
+that is not permitted, warns to set ``ICSK_IDLE_WORKERS=0``).
 """
 
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import torch
+
+STARVED_S = 0.5  # a wait for a worker this long means it is starved at idle priority
+_idle_workers: set[int] = set()  # native ids of workers running at idle priority
+_lock = threading.Lock()
+_promoted = False  # workers were starved: new ones start at normal priority too
 
 
 def _init_worker() -> None:
     torch.get_num_threads()  # initializes this thread's count first (else the next op resets it)
     torch.set_num_threads(1)
-    if os.environ.get("ICSK_IDLE_WORKERS", "1") != "0" and hasattr(os, "SCHED_IDLE"):
+    if os.environ.get("ICSK_IDLE_WORKERS", "1") != "0" and hasattr(os, "SCHED_IDLE") and not _promoted:
         try:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # this thread only
         except OSError:  # not permitted in some containers: stay at normal priority
-            pass
+            return
+        with _lock:
+            _idle_workers.add(threading.get_native_id())
 
 
 def background_pool(name: str) -> ThreadPoolExecutor:
@@ -35,3 +49,45 @@ def background_pool(name: str) -> ThreadPoolExecutor:
     pool.submit(lambda: None).result()  # start the worker now
     torch.set_num_threads(threads)
     return pool
+
+
+def wait_for(fut: Future) -> Any:
+    """``fut.result()`` for the training thread: a wait past ``STARVED_S`` promotes the workers."""
+    if not _idle_workers:
+        return fut.result()
+    t0 = time.perf_counter()
+    try:
+        return fut.result(timeout=STARVED_S)
+    except TimeoutError:
+        _promote_workers()
+        result = fut.result()
+        _warn_if_idle(time.perf_counter() - t0)
+        return result
+
+
+def _promote_workers() -> None:
+    """Move the idle-priority workers to normal priority (where permitted), for good."""
+    global _promoted
+    with _lock:
+        _promoted = True
+        for tid in list(_idle_workers):
+            try:
+                os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+            except ProcessLookupError:  # that worker has ended
+                _idle_workers.discard(tid)
+            except OSError:  # not permitted (no CAP_SYS_NICE, RLIMIT_NICE): stays idle
+                continue
+            else:
+                _idle_workers.discard(tid)
+
+
+_warned = False
+
+
+def _warn_if_idle(waited: float) -> None:
+    global _warned
+    if _idle_workers and not _warned:
+        _warned = True
+        warnings.warn(f"icsk: training waited {waited:.1f} s for a background worker at idle priority: other "
+                      "processes keep the CPU busy, and raising its priority is not permitted here. Set "
+                      "ICSK_IDLE_WORKERS=0 to run icsk's workers at normal priority.", RuntimeWarning, stacklevel=3)

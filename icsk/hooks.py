@@ -32,7 +32,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from .background import background_pool
+from .background import background_pool, wait_for
 from .schedule import Schedule
 from .stats import ALL_STATS, DEFAULT_STATS, Reducer, StatSpec
 from .store import (ChunkWriter, FolderBusyError, FolderLease, hist_edges_of, last_recorded_step, names_matching,
@@ -717,7 +717,7 @@ class Recorder:
     def _await_pending(state: _LayerState, i: int) -> None:
         fut = state.pending[i]
         if fut is not None:
-            fut.result()
+            wait_for(fut)
             state.pending[i] = None
 
     # ------------------------------------------------------------------ steps and flushing

@@ -43,7 +43,7 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: writers are not locked out
     fcntl = None
 
-from .background import background_pool
+from .background import background_pool, wait_for
 
 CHUNK_GLOB = "chunk-*.parquet"
 _CHUNK_RE = re.compile(r"chunk-(\d+)\.parquet$")
@@ -177,7 +177,7 @@ class ChunkWriter:
         # KeyboardInterrupt) then cannot lose this chunk: close() waits for it.
         previous = self._queue(table, path, before)
         if previous is not None:
-            previous.result()
+            wait_for(previous)
         return path
 
     def _queue(self, table, path: Path, before) -> Future | None:
@@ -191,7 +191,7 @@ class ChunkWriter:
         if pending is None:
             return
         try:
-            pending.result()
+            wait_for(pending)
         finally:
             if pending.done():  # an interrupted wait keeps it, so close() still waits for it
                 self._pending = None

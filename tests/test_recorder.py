@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import icsk
+from icsk import background
 from icsk.store import chunk_files, load_run
 
 QS = (0.15, 0.5, 0.85)
@@ -717,17 +718,49 @@ def test_load_run_errors_name_the_folder(tmp_path):
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
-def test_worker_threads_run_single_threaded_at_idle_priority(tmp_path):
+def test_worker_threads_run_single_threaded_at_idle_priority(tmp_path, monkeypatch):
     """Reducer and writer threads must never preempt training threads nor start OpenMP teams."""
+    monkeypatch.setattr(background, "_promoted", False)  # (an earlier test may have starved workers)
     before = torch.get_num_threads()
     rec = icsk.Recorder(nn.Sequential(nn.Linear(3, 2)), path=tmp_path)
     assert torch.get_num_threads() == before  # the process-wide count is left alone
-    workers = [t for t in threading.enumerate() if t.name.startswith(("icsk-reduce", "icsk-writer"))]
-    assert {t.name.split("_")[0] for t in workers} >= {"icsk-reduce", "icsk-writer"}
+    workers = [*rec._reduce_pool._threads, *rec._writer._pool._threads]
+    assert sorted(t.name.split("_")[0] for t in workers) == ["icsk-reduce", "icsk-writer"]
     for t in workers:
         assert os.sched_getscheduler(t.native_id) == os.SCHED_IDLE, t.name
     assert rec._reduce_pool.submit(torch.get_num_threads).result() == 1
     rec.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
+@pytest.mark.parametrize("permitted", [True, False])
+def test_a_starved_idle_worker_is_promoted_or_named_in_a_warning(monkeypatch, permitted):
+    """Other processes keeping every core busy starve an idle-priority worker, and training
+    waits on it (9 s became 102 s with two busy loops on 2 cores): a long wait moves the workers
+    to normal priority, or, where that is not permitted, warns to set ICSK_IDLE_WORKERS=0."""
+    import time
+
+    monkeypatch.setattr(background, "_promoted", False)
+    monkeypatch.setattr(background, "_warned", False)
+    monkeypatch.setattr(background, "_idle_workers", set())
+    monkeypatch.setattr(background, "STARVED_S", 0.05)
+    pool = background.background_pool("icsk-test")
+    tid = pool.submit(threading.get_native_id).result()
+    assert os.sched_getscheduler(tid) == os.SCHED_IDLE and background._idle_workers == {tid}
+    if not permitted:
+        def refuse(pid, policy, param):
+            raise PermissionError(1, "Operation not permitted")
+        monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    slow = pool.submit(time.sleep, 0.3)
+    if permitted:
+        background.wait_for(slow)
+        assert os.sched_getscheduler(tid) == os.SCHED_OTHER and not background._idle_workers
+        assert background._promoted  # later workers start at normal priority
+    else:
+        with pytest.warns(RuntimeWarning, match="ICSK_IDLE_WORKERS=0"):
+            background.wait_for(slow)
+        assert os.sched_getscheduler(tid) == os.SCHED_IDLE
+    pool.shutdown()
 
 
 def test_sigterm_under_graceful_signals_flushes_what_was_recorded(tmp_path):
