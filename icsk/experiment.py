@@ -216,8 +216,15 @@ def config_schedule(value: Any) -> Schedule:
     return Schedule.parse(list(value) if OmegaConf.is_list(value) else value)
 
 
+# cfg.recorder: the Recorder options the job passes on, and the probe batch's schedule (the job
+# records training forwards only: evaluation runs paused, and its models' units are on dim 1)
+RECORDER_KEYS = ("enabled", "layers", "capture", "stats", "quantiles", "hist_bins", "hist_range", "hist_margin",
+                 "sat_threshold", "zero_eps", "schedule", "probe_schedule", "flush_every", "flush_mb")
+
+
 def build_recorder(rcfg: DictConfig, model: nn.Module, path: Path) -> Recorder | None:
     """The Recorder of one arm from ``cfg.recorder`` (None when disabled)."""
+    _check_options("recorder", _plain(rcfg), RECORDER_KEYS, "the Recorder")
     if not rcfg.get("enabled", True):
         return None
     layers = list(rcfg.layers) if rcfg.get("layers") is not None else None
@@ -230,7 +237,8 @@ def build_recorder(rcfg: DictConfig, model: nn.Module, path: Path) -> Recorder |
         quantiles=[float(q) for q in rcfg.get("quantiles", (0.15, 0.5, 0.85))], hist_bins=int(rcfg.get("hist_bins", 32)),
         hist_range=hist_range or "auto", schedule=sched, path=path, flush_every=int(rcfg.get("flush_every", 1024)),
         flush_mb=float(rcfg.get("flush_mb", 8.0)),
-        sat_threshold=float(rcfg.get("sat_threshold", 4.0)),
+        sat_threshold=float(rcfg.get("sat_threshold", 4.0)), zero_eps=float(rcfg.get("zero_eps", 1e-6)),
+        hist_margin=float(rcfg.get("hist_margin", 0.5)),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -206,6 +207,16 @@ def test_a_misspelt_data_option_names_the_key_and_the_spelling(tmp_path):
     msg = refused(tmp_path, "model=dln", "data=gaussian", "+data.options.foo=1")
     assert msg.endswith("for data=gaussian: remove it or use a valid data.options name: dim, n_train, n_test, "
                         "data_seed")
+
+
+def test_an_unknown_recorder_key_is_refused_and_the_documented_ones_reach_the_recorder(tmp_path):
+    """Recorder options that the job dropped silently (+recorder.zero_eps=0.5 ran with 1e-6)."""
+    msg = refused(tmp_path, "+recorder.zero_epz=0.5")
+    assert msg.startswith("unknown recorder.zero_epz for the Recorder (did you mean recorder.zero_eps?)")
+    assert "recorder.modes" in refused(tmp_path, "+recorder.modes=[train,eval]")  # evaluation runs paused
+    run(compose([*RUN, "model.arms=[none]", "recorder.zero_eps=0.5", "recorder.hist_margin=0.25"]), tmp_path / "ok")
+    meta = json.loads((tmp_path / "ok" / "arms" / "none" / "stats" / "recorder.json").read_text())
+    assert meta["zero_eps"] == 0.5
 
 
 def test_valid_options_still_reach_the_model_and_the_data(tmp_path):
