@@ -549,12 +549,15 @@ def _run_held(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> di
     finally:
         progress.close()
         info["arms"] = {a.name: a.summary() for a in arms}
+        for arm_info in info["arms"].values():  # arms still training share the run's end
+            if arm_info["status"] == "running" and info["status"] != "finished":
+                arm_info["status"] = info["status"]
         info["finished"] = _now()
         final = _final_metrics(run_dir)
         info["final"] = final
         write_json_atomic(status_path, info)
         logger.summary({f"{arm}/final_{k}": v for arm, d in final.items() for k, v in d.items()})
-        logger.summary({f"{a.name}/status": a.status for a in arms})
+        logger.summary({f"{name}/status": arm_info["status"] for name, arm_info in info["arms"].items()})
         logger.finish(exit_code)
     return info
 

@@ -183,6 +183,7 @@ def test_a_requeue_exit_closes_the_run_as_interrupted(tmp_path, monkeypatch):
         job(tmp_path, steps=20)
     info = json.loads((tmp_path / "run.json").read_text())
     assert info["status"] == "interrupted" and info["arms"]["bn"]["last_step"] == 4
+    assert {a["status"] for a in info["arms"].values()} == {"interrupted"}  # not left 'running'
 
 
 def test_a_requeued_submitit_job_resumes_from_its_checkpoint(tmp_path, monkeypatch):
