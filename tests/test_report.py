@@ -486,6 +486,8 @@ def test_unknown_figure_and_bad_inputs(tmp_path, capsys, sweep_dir):
     assert "no run matches optim.lr=7" in capsys.readouterr().err
     assert main([str(sweep_dir), "--out", str(tmp_path / "o"), "--where", "optim.lrr=0.5"]) == 2
     assert "['optim.lrr'] are in no run's config (closest: {'optim.lrr': ['optim.lr'" in capsys.readouterr().err
+    assert main([str(sweep_dir), "--out", str(tmp_path / "o"), "--arms", "bn,BN", "--figures", "ioffe"]) == 2
+    assert "--arms BN: no such arm in these runs; their arms: bn, none" in capsys.readouterr().err
 
 
 def test_arm_filter_and_unit_choice(runs):

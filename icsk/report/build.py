@@ -138,6 +138,10 @@ def build_report(
             raise NoRunsError(f"no run matches {' '.join(f'{k}={v}' for k, v in where.items())} in "
                               f"{', '.join(sources)}")
     if arms:
+        known = sorted({a for r in runs for a in r.arms})
+        unknown = [a for a in arms if a not in known]
+        if unknown:
+            raise NoRunsError(f"--arms {','.join(unknown)}: no such arm in these runs; their arms: {', '.join(known)}")
         runs = runs.only_arms(list(arms))
     runs = runs.in_mode(mode)
     if mode != "train" and runs.stats(stats=["count"]).empty:
