@@ -293,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("sweep_dirs", nargs="+", type=Path)
     p.add_argument("--no-write", action="store_true", help="print only")
     args = p.parse_args(argv)
+    if missing := [str(d) for d in args.sweep_dirs if not d.is_dir()]:
+        p.error(f"no such sweep folder: {', '.join(missing)} (a multirun folder, e.g. multirun/<date>/<time>)")
     with pd.option_context("display.max_columns", 30, "display.width", 200):
         for d in args.sweep_dirs:
             df = summarize_sweep(d) if args.no_write else write_summary(d)

@@ -244,6 +244,9 @@ def test_summary_cli_and_empty_sweep(tmp_path, capsys):
     assert (sweep / "sweep_summary.csv").exists()
     with pytest.raises(FileNotFoundError):
         summarize_sweep(tmp_path / "nope")
+    with pytest.raises(SystemExit) as e:  # a one-line usage error, not a traceback
+        main([str(sweep), str(tmp_path / "nope")])
+    assert e.value.code == 2 and f"no such sweep folder: {tmp_path / 'nope'}" in capsys.readouterr().err
 
 
 def test_callback_writes_at_exit_when_the_sweep_raised(tmp_path):
