@@ -372,7 +372,8 @@ def resolve_selection(metas: Sequence[dict], layers=None, stats=None, steps=None
     if isinstance(steps, (int, np.integer)):
         steps = [int(steps)]
     known_layers = list(dict.fromkeys(name for m in metas for name in (m.get("layers") or {})))
-    known_stats = list(dict.fromkeys([*(o for m in metas for o in (m.get("outputs") or [])), *LAYER_STATS]))
+    known_stats = list(dict.fromkeys([*(o for m in metas for o in (m.get("outputs") or []) if o != "hist"),
+                                      *LAYER_STATS]))  # (histograms are read apart)
     if stats is not None:
         stats = [stats] if isinstance(stats, str) else list(stats)
         if "hist" in stats:
