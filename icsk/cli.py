@@ -14,7 +14,14 @@ def _hydra_main(cfg) -> None:
     from .experiment import run
 
     hc = HydraConfig.get()
-    run(cfg, hc.runtime.output_dir, overrides=list(hc.overrides.task))
+    info = run(cfg, hc.runtime.output_dir, overrides=list(hc.overrides.task))
+    print(run_line(info, hc.runtime.output_dir), flush=True)
+
+
+def run_line(info: dict, run_dir: str | Path) -> str:
+    """One line on how a job ended: its status, run folder and each arm's last test accuracy."""
+    acc = [f"{arm} {d['test_acc']:.3f}" for arm, d in (info.get("final") or {}).items() if "test_acc" in d]
+    return f"icsk-train: {info.get('status')}: {run_dir}" + (f" (test_acc {', '.join(acc)})" if acc else "")
 
 
 def train_main() -> None:

@@ -114,6 +114,8 @@ def test_a_failed_job_does_not_stop_the_sweep_and_is_summarized(tmp_path):
     sweep = tmp_path / "sweep"
     assert json.loads((sweep / "1" / "run.json").read_text())["status"] == "finished"
     assert json.loads((sweep / "0" / JOB_STATUS).read_text())["status"] == "failed"
+    final = json.loads((sweep / "1" / "run.json").read_text())["final"]
+    assert f"icsk-train: finished: {sweep / '1'} (test_acc bn {final['bn']['test_acc']:.3f}" in res.stdout, show(res)
     df = pd.read_csv(sweep / "sweep_summary.csv")  # written although on_multirun_end never ran
     assert df.status.tolist() == ["failed", "finished"]
     assert "optim.lr must be > 0" in df.error[0]
