@@ -1,6 +1,6 @@
 """The activation Recorder: forward hooks that reduce activations to per-unit statistics.
 
-Design (see DESIGN.md, ANCHORS.md):
+Design:
 * hooks exist only on scheduled steps (fastai ``every=N``): a skipped step costs nothing;
 * no activation outlives its hook: small layers are copied into a staging buffer and reduced
   K steps at a time (one vectorised reduction instead of K small ones), large layers are
