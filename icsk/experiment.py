@@ -31,6 +31,7 @@ from .data import BatchStream, DataBundle, dataset_options, get_dataset, probe_b
 from .hooks import Recorder
 from .log import hydra_job_info, make_logger, run_identity
 from .models import make_pair, model_options, uses_batch_statistics
+from .models.norms import NORM_NAMES
 from .schedule import Schedule
 from .store import FolderBusyError, FolderLease, chunk_files, read_json, write_json_atomic
 from .train import Arm, Checkpointer, Probe, Trainer
@@ -72,13 +73,14 @@ def seed_everything(seed: int) -> None:
 
 def arm_names(model_cfg: DictConfig) -> list[str]:
     """Arms of a run: ``model.norm`` (one arm) when set, else ``model.arms``."""
-    if model_cfg.get("norm"):
-        return [str(model_cfg.norm)]
-    arms = model_cfg.get("arms")
+    key = "model.norm" if model_cfg.get("norm") else "model.arms"
+    arms = [model_cfg.norm] if model_cfg.get("norm") else model_cfg.get("arms")
     if isinstance(arms, str):
         arms = [a.strip() for a in arms.split(",")]
     if not arms:
         raise ConfigError("model.arms is empty; give e.g. model.arms=[bn,none] or model.norm=bn")
+    if bad := [str(a) for a in arms if str(a).lower() not in NORM_NAMES]:
+        raise ConfigError(f"{key}: unknown normalizer(s) {bad}; valid: {', '.join(NORM_NAMES)}")
     return [str(a) for a in arms]
 
 
@@ -211,9 +213,12 @@ def _stack(ds) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(xs), torch.as_tensor(ys)
 
 
-def config_schedule(value: Any) -> Schedule:
-    """A schedule from a config value: N, a list of steps or "log:K"."""
-    return Schedule.parse(list(value) if OmegaConf.is_list(value) else value)
+def config_schedule(value: Any, key: str) -> Schedule:
+    """The schedule of config key ``key`` from its value: N, a list of steps or "log:K"."""
+    try:
+        return Schedule.parse(list(value) if OmegaConf.is_list(value) else value)
+    except ValueError as e:
+        raise ConfigError(f"{key}={value}: {e}") from None
 
 
 # cfg.recorder: the Recorder options the job passes on, and the probe batch's schedule (the job
@@ -231,7 +236,7 @@ def build_recorder(rcfg: DictConfig, model: nn.Module, path: Path) -> Recorder |
     hist_range = rcfg.get("hist_range", "auto")
     if hist_range != "auto" and hist_range is not None:
         hist_range = tuple(float(v) for v in hist_range)
-    sched = config_schedule(rcfg.get("schedule", 1))
+    sched = config_schedule(rcfg.get("schedule", 1), "recorder.schedule")
     return Recorder(
         model, layers=layers, capture=str(rcfg.get("capture", "output")), stats=list(rcfg.stats),
         quantiles=[float(q) for q in rcfg.get("quantiles", (0.15, 0.5, 0.85))], hist_bins=int(rcfg.get("hist_bins", 32)),
@@ -259,7 +264,7 @@ def build_probes(mcfg: DictConfig | None, model_layers: list[str], probe_loss, l
             df = M.gradient_ics(arm.model, probe_loss, batch, arm.optimizer, layers, groups=groups)
             return [({"ics_l2": r.l2, "ics_cos": r.cos, "ics_grad_norm": r.grad_norm}, r.layer) for r in df.itertuples()]
 
-        probes.append(Probe("ics", config_schedule(ics.get("schedule", 100)), ics_fn))
+        probes.append(Probe("ics", config_schedule(ics.get("schedule", 100), "metrics.ics.schedule"), ics_fn))
     sm = mcfg.get("smoothness")
     if sm is not None and sm.get("enabled", False):
         scales = tuple(float(s) for s in sm.scales) if sm.get("scales") else None
@@ -270,7 +275,7 @@ def build_probes(mcfg: DictConfig | None, model_layers: list[str], probe_loss, l
             res = M.loss_smoothness(arm.model, probe_loss, batch, cur_lr, grad=grads, loss=loss, **kw)
             return [({f"smooth_{k}": float(v) for k, v in res.items() if np.isscalar(v)}, "")]
 
-        probes.append(Probe("smoothness", config_schedule(sm.get("schedule", 100)), smooth_fn, uses_step_grad=True))
+        probes.append(Probe("smoothness", config_schedule(sm.get("schedule", 100), "metrics.smoothness.schedule"), smooth_fn, uses_step_grad=True))
     gap = mcfg.get("bn_gap")
     if gap is not None and gap.get("enabled", False):
 
@@ -281,7 +286,7 @@ def build_probes(mcfg: DictConfig | None, model_layers: list[str], probe_loss, l
             return [({"bngap_mean_shift": r.mean_shift, "bngap_var_ratio": r.var_ratio, "bngap_w2": r.w2}, r.layer)
                     for r in df.itertuples()]
 
-        probes.append(Probe("bn_gap", config_schedule(gap.get("schedule", 100)), gap_fn))
+        probes.append(Probe("bn_gap", config_schedule(gap.get("schedule", 100), "metrics.bn_gap.schedule"), gap_fn))
     return probes
 
 
@@ -429,7 +434,7 @@ def _probe_plan(cfg: DictConfig, bundle: DataBundle, models: dict[str, nn.Module
     if batch_norms and min(len(bundle.train), len(bundle.train) if size is None else int(size)) < 2:
         raise ConfigError(f"arms {batch_norms} normalize over the batch, and the probe batch (recorder.probe_schedule) "
                           f"runs in training mode: it needs data.probe_size>=2, got {size}")
-    return config_schedule(at), probe_batch(bundle.train, size, int(cfg.seed))
+    return config_schedule(at, "recorder.probe_schedule"), probe_batch(bundle.train, size, int(cfg.seed))
 
 
 def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:

@@ -219,6 +219,13 @@ def test_an_unknown_recorder_key_is_refused_and_the_documented_ones_reach_the_re
     assert meta["zero_eps"] == 0.5
 
 
+def test_an_unknown_normalizer_or_a_bad_schedule_names_its_config_key(tmp_path):
+    assert refused(tmp_path, "model.arms=[bn,foo]").startswith("model.arms: unknown normalizer(s) ['foo']; valid: none, bn")
+    assert refused(tmp_path, "model.norm=btach").startswith("model.norm: unknown normalizer(s) ['btach']")
+    assert refused(tmp_path, "recorder.schedule=log:x").startswith("recorder.schedule=log:x: ")
+    assert refused(tmp_path, "recorder.probe_schedule=-5").startswith("recorder.probe_schedule=-5: ")
+
+
 def test_valid_options_still_reach_the_model_and_the_data(tmp_path):
     from icsk.experiment import build_arms_models, load_data
 

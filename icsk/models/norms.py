@@ -11,6 +11,7 @@ from torch import nn
 NORMS = ("none", "bn", "noisy_bn", "ln", "gn", "lp")
 # Convenience spellings for the lp normalizer with its exponent built in (usable as arm names).
 _LP_ALIASES = {"lp1": 1.0, "lp2": 2.0, "lpinf": math.inf, "lp_inf": math.inf}
+NORM_NAMES = (*NORMS, *_LP_ALIASES)  # what make_norm accepts (any case)
 
 
 class NoisyBNMixin:
@@ -152,7 +153,7 @@ def make_norm(kind: str, num_features: int, spatial: bool = False, *, eps: float
         return nn.GroupNorm(_divisor_at_most(gn_groups, num_features), num_features, eps=eps, affine=affine)
     if kind == "lp":
         return LpNorm(num_features, p=lp_p, eps=eps, momentum=momentum, affine=affine)
-    raise ValueError(f"unknown normalizer {kind!r}; valid: {list(NORMS) + list(_LP_ALIASES)}")
+    raise ValueError(f"unknown normalizer {kind!r}; valid: {list(NORM_NAMES)}")
 
 
 # make_norm's options (``model.options``: one set drives every arm)
