@@ -13,8 +13,17 @@ def _hydra_main(cfg) -> None:
 
     from .experiment import run
 
+    from hydra.types import RunMode
+
+    from .experiment import ConfigError
+
     hc = HydraConfig.get()
-    info = run(cfg, hc.runtime.output_dir, overrides=list(hc.overrides.task))
+    try:
+        info = run(cfg, hc.runtime.output_dir, overrides=list(hc.overrides.task))
+    except ConfigError as e:
+        if hc.mode == RunMode.MULTIRUN:  # the sweep records the job as failed and goes on
+            raise
+        sys.exit(f"icsk-train: {e}")  # a one-line error, not Hydra's traceback
     print(run_line(info, hc.runtime.output_dir), flush=True)
 
 

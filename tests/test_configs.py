@@ -155,6 +155,10 @@ def test_the_cli_reports_a_typo_and_exits_nonzero(tmp_path):
     assert "Could not find 'model/mlpp'" in res.stderr
     assert "mlp" in res.stderr and "vgg" in res.stderr
     assert not (tmp_path / "run").exists()
+    res = subprocess.run([*cmd, "optim.lr=-1", f"hydra.run.dir={tmp_path}/run"], capture_output=True, text=True,
+                         env=env, timeout=120, cwd=tmp_path)
+    assert res.returncode == 1 and res.stderr.startswith("icsk-train: optim.lr must be > 0")
+    assert "Traceback" not in res.stderr
 
 
 # ---------------------------------------------------------------------- refused values: the key and the fix
