@@ -15,15 +15,20 @@ def _hydra_main(cfg) -> None:
 
     from hydra.types import RunMode
 
-    from .experiment import ConfigError
+    from .experiment import ConfigError, resume_command
 
     hc = HydraConfig.get()
+    overrides = list(hc.overrides.task)
     try:
-        info = run(cfg, hc.runtime.output_dir, overrides=list(hc.overrides.task))
-    except ConfigError as e:
-        if hc.mode == RunMode.MULTIRUN:  # the sweep records the job as failed and goes on
+        info = run(cfg, hc.runtime.output_dir, overrides=overrides)
+    except (ConfigError, KeyboardInterrupt) as e:
+        if hc.mode == RunMode.MULTIRUN:  # the sweep records the job and goes on (or stops, on Ctrl-C)
             raise
-        sys.exit(f"icsk-train: {e}")  # a one-line error, not Hydra's traceback
+        if isinstance(e, ConfigError):
+            sys.exit(f"icsk-train: {e}")  # a one-line error, not Hydra's traceback
+        print(f"icsk-train: interrupted: {hc.runtime.output_dir}; continue it with: "
+              f"{resume_command(overrides, hc.runtime.output_dir)}", file=sys.stderr, flush=True)
+        sys.exit(130)
     print(run_line(info, hc.runtime.output_dir), flush=True)
 
 

@@ -354,6 +354,13 @@ CLUSTER_INTERRUPTIONS = ("UncompletedJobError",)
 RESUME_MAY_CHANGE = ("resume", "device", "train.progress", "logger", "data.root", "data.download")
 
 
+def resume_command(first: Sequence[str], run_dir: str | Path) -> str:
+    """The shell command that continues the run in ``run_dir``, first launched with ``first``."""
+    words = [*(o for o in first if not o.startswith(("resume=", "+resume="))), "resume=true",
+             f"hydra.run.dir={_hydra_quoted(str(run_dir))}"]
+    return f"icsk-train {' '.join(_shell_word(w) for w in words)}"
+
+
 def _hydra_quoted(value: str) -> str:
     """``value`` as a quoted Hydra override value (folder names may hold '=', ',' or '['): quotes
     escaped, backslashes doubled where they precede a quote or the end, ``${`` not interpolated."""
@@ -407,10 +414,7 @@ def _check_resume_config(cfg: DictConfig, run_dir: Path, first: list[str] | None
         return
     shown = "; ".join(f"{k}: {saved.get(k, '(unset)')} in the run, {now.get(k, '(unset)')} now"
                       for k in differ[:8]) + (f"; and {len(differ) - 8} more" if len(differ) > 8 else "")
-    words = [*(o for o in first or () if not o.startswith(("resume=", "+resume="))), "resume=true",
-             f"hydra.run.dir={_hydra_quoted(str(run_dir))}"]
-    how = (f"icsk-train {' '.join(_shell_word(w) for w in words)}" if first is not None
-           else "the overrides of its first launch, plus resume=true")
+    how = resume_command(first, run_dir) if first is not None else "the overrides of its first launch, plus resume=true"
     raise ConfigError(f"resume=true continues {run_dir} with the settings it started with, but {len(differ)} "
                       f"differ: {shown}. Resume it with: {how}. Only {', '.join(RESUME_MAY_CHANGE[1:])} may "
                       "change on resume; for other settings start a new run folder.")

@@ -331,6 +331,9 @@ def test_signal_flushes_and_marks_interrupted(tmp_path, sig):
         proc.wait(timeout=120)
     finally:
         proc.kill()
+    out = proc.stdout.read()
+    assert proc.returncode == 130 and "Traceback" not in out, out  # one line, with the way on
+    assert f"icsk-train: interrupted: {tmp_path}; continue it with: icsk-train " in out and "resume=true" in out
     info = json.loads((tmp_path / "run.json").read_text())
     assert info["status"] == "interrupted"
     df = icsk.load_run(tmp_path, stats=["mean"], layers=["block1.pre_act"])
