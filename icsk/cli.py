@@ -10,12 +10,9 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 def _hydra_main(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
-
-    from .experiment import run
-
     from hydra.types import RunMode
 
-    from .experiment import ConfigError, resume_command
+    from .experiment import ConfigError, resume_command, run
 
     hc = HydraConfig.get()
     overrides = list(hc.overrides.task)

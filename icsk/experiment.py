@@ -73,8 +73,8 @@ def seed_everything(seed: int) -> None:
 
 def arm_names(model_cfg: DictConfig) -> list[str]:
     """Arms of a run: ``model.norm`` (one arm) when set, else ``model.arms``."""
-    key = "model.norm" if model_cfg.get("norm") else "model.arms"
-    arms = [model_cfg.norm] if model_cfg.get("norm") else model_cfg.get("arms")
+    norm = model_cfg.get("norm")
+    key, arms = ("model.norm", [norm]) if norm else ("model.arms", model_cfg.get("arms"))
     if isinstance(arms, str):
         arms = [a.strip() for a in arms.split(",")]
     if not arms:
@@ -275,7 +275,8 @@ def build_probes(mcfg: DictConfig | None, model_layers: list[str], probe_loss, l
             res = M.loss_smoothness(arm.model, probe_loss, batch, cur_lr, grad=grads, loss=loss, **kw)
             return [({f"smooth_{k}": float(v) for k, v in res.items() if np.isscalar(v)}, "")]
 
-        probes.append(Probe("smoothness", config_schedule(sm.get("schedule", 100), "metrics.smoothness.schedule"), smooth_fn, uses_step_grad=True))
+        probes.append(Probe("smoothness", config_schedule(sm.get("schedule", 100), "metrics.smoothness.schedule"),
+                            smooth_fn, uses_step_grad=True))
     gap = mcfg.get("bn_gap")
     if gap is not None and gap.get("enabled", False):
 
