@@ -164,6 +164,23 @@ def test_bookkeeping_keys_are_not_swept_parameters():
     assert RunSet([Run(None, "0", base), Run(None, "1", {**other, "optim.lr": 0.5})]).varying_keys() == ["optim.lr"]
 
 
+def test_keys_that_follow_from_a_swept_key_are_not_swept_on_their_own():
+    """model=mlp,vgg changes the model's other keys with its name; a key crossed with it stays."""
+    mlp = {"model.name": "mlp", "model.depth": 3, "model.width": 100}
+    vgg = {"model.name": "vgg", "model.variant": "vgg_small"}
+    grid = [Run(None, str(i), {**m, "optim.lr": lr, "seed": s})
+            for i, (m, lr, s) in enumerate((m, lr, s) for m in (mlp, vgg) for lr in (0.1, 1.0) for s in (0, 1))]
+    rs = RunSet(grid)
+    assert rs.varying_keys() == ["model.depth", "model.name", "model.variant", "model.width", "optim.lr"]
+    assert rs.swept_keys() == ["model.name", "optim.lr"]
+    # lr set per model (a tuned lr each): it follows from the model too
+    assert RunSet([r for r in grid if (r.config["model.name"] == "mlp") == (r.config["optim.lr"] == 0.1)]
+                  ).swept_keys() == ["model.name"]
+    # without a name key, the key with more values is kept: width 50/100/200 sets depth 2/2/3
+    widths = [Run(None, str(i), {"model.width": w, "model.depth": 2 + (w > 100)}) for i, w in enumerate((50, 100, 200))]
+    assert RunSet(widths).swept_keys() == ["model.width"]
+
+
 def test_collect_sweep_runs_and_config_columns(sweep_dir, runs):
     assert [r.run_id for r in runs] == ["0", "1", "2", "3"]
     assert runs.arms == ["none", "bn"]
@@ -319,19 +336,23 @@ def model_grid(tmp_path_factory) -> Path:
 
 
 def test_sweep_over_two_models_keeps_the_keys_one_model_lacks(model_grid, tmp_path):
-    """A key that is None for some runs is a setting: figure, seed count and summary keep those runs."""
+    """A key that is None for some runs is a setting: figure, seed count and summary keep those runs.
+    The figure draws one row, for model.name, unless asked for the keys that follow from it."""
     from icsk.report.style import arm_color
 
     runs = collect_runs([model_grid])
     keys = ["model.depth", "model.name", "model.variant", "model.width"]
     assert runs.varying_keys() == keys
+    assert [g.label for g in runs.groups()] == ["model.name=mlp", "model.name=vgg"]
+    assert [ax.get_xlabel() for ax in figures.fig_sweep(runs).axes] == [figures.KEY_LABELS.get("model.name",
+                                                                                               "model.name")] * 2
     final = {}  # (model, arm) -> final test accuracies, read from the metrics files
     for r in runs:
         m = icsk.load_run(r.path, table="metrics")
         for arm in ("bn", "none"):
             t = m[(m.arm == arm) & (m.metric == "test_acc")].sort_values("step")
             final.setdefault((r.config["model.name"], arm), []).append(t["value"].iloc[-1])
-    fig = figures.fig_sweep(runs)
+    fig = figures.fig_sweep(runs, keys)
     assert [fig.axes[2 * j].get_xlabel() for j in range(4)] == [figures.KEY_LABELS.get(k, k) for k in keys]
     for j, ticks in enumerate([["3", "None"], ["mlp", "vgg"], ["None", "vgg_tiny"], ["8", "None"]]):
         ax, axd = fig.axes[2 * j], fig.axes[2 * j + 1]

@@ -156,7 +156,7 @@ def build_report(
 
     groups = runs.groups()
     if len(groups) > max_groups:
-        log(f"icsk-report: {len(groups)} settings ({', '.join(runs.varying_keys())}) vary across runs; drawing "
+        log(f"icsk-report: {len(groups)} settings ({', '.join(runs.swept_keys())}) vary across runs; drawing "
             f"time-series figures for the first {max_groups} only (use --where KEY=VALUE to choose)")
         groups = groups[:max_groups]
     multi = len(groups) > 1

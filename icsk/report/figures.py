@@ -518,9 +518,9 @@ def _is_numeric(vals: Sequence) -> bool:
 
 def fig_sweep(runs: RunSet, keys: Sequence[str] | None = None) -> Figure:
     """Final test accuracy (left) and fraction of diverged runs (right) vs each swept config key
-    (one row per key), per arm; diverged runs are x markers (at the bottom when they have no
-    final accuracy)."""
-    keys = list(keys) if keys else runs.varying_keys()
+    (one row per key, :meth:`RunSet.swept_keys` unless ``keys`` are given), per arm; diverged
+    runs are x markers (at the bottom when they have no final accuracy)."""
+    keys = list(keys) if keys else runs.swept_keys()
     if not keys:
         raise MissingDataError(
             "no config key varies across the runs (only seeds, or a single run); pass a sweep folder, e.g. "

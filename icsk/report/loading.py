@@ -226,6 +226,11 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _follows(values: Sequence[str], by: Sequence[str]) -> bool:
+    """Whether ``values`` (one per run) are a function of ``by``: runs that agree on ``by`` agree on it."""
+    return len(set(zip(by, values, strict=True))) == len(set(by))
+
+
 class RunSet:
     """Several runs read together; tables carry ``run``, ``seed`` and the swept config keys."""
 
@@ -275,6 +280,19 @@ class RunSet:
                 out.append(k)
         return out
 
+    def swept_keys(self) -> list[str]:
+        """The varying keys that vary on their own: a key whose value follows from a kept key's in
+        every run is left out (``-m model=mlp,cnn`` changes model.depth, model.width and
+        model.variant along with model.name, which alone is kept). Kept first: group names
+        (``name``, ``*.name``), then keys with more distinct values, then in order."""
+        keys = self.varying_keys()
+        vals = {k: [_fmt(r.config.get(k)) for r in self.runs] for k in keys}
+        kept: list[str] = []
+        for k in sorted(keys, key=lambda k: (k.split(".")[-1] != "name", -len(set(vals[k])))):
+            if not any(_follows(vals[k], vals[j]) for j in kept):
+                kept.append(k)
+        return [k for k in keys if k in kept]
+
     def config_frame(self) -> pd.DataFrame:
         """One row per run: ``run``, ``seed`` and the varying config keys."""
         keys = self.varying_keys()
@@ -286,9 +304,9 @@ class RunSet:
         return pd.DataFrame(rows, columns=["run", "seed", *keys])
 
     def groups(self) -> list[RunSet]:
-        """Runs split by the varying config keys other than the seed (one group per setting);
-        a single group when only seeds differ."""
-        keys = self.varying_keys()
+        """Runs split by the varying config keys other than the seed (one group per setting,
+        labelled by its :meth:`swept_keys`); a single group when only seeds differ."""
+        keys = self.swept_keys()
         if not keys:
             return [self._subset(self.runs)]
         buckets: dict[tuple, list[Run]] = {}
