@@ -322,8 +322,14 @@ if numba is not None:
                 lo = blk[qlo[j]]
                 hi = blk[qhi[j]]
                 f = qfrac[j]
-                for i in range(W):
-                    v = lo[i] + (hi[i] - lo[i]) * f if f > f0 else lo[i]
+                g = np.float32(1.0) - f
+                for i in range(W):  # NumPy's lerp: from the nearer side (a finite value next to inf stays inf)
+                    if f == f0:
+                        v = lo[i]
+                    elif f < np.float32(0.5):
+                        v = lo[i] + (hi[i] - lo[i]) * f
+                    else:
+                        v = hi[i] - (hi[i] - lo[i]) * g
                     res[7 + j, o + i] = np.nan if n_nan[i] > 0 else v
 
 def _require_numba() -> None:
@@ -420,7 +426,8 @@ def sorting_network(n: int, ranks: tuple[int, ...] | None = None) -> np.ndarray:
 
 def quantile_positions(m: int, quantiles) -> tuple[list[int], list[int], list[float]]:
     """Order statistics and weights of linear-interpolation quantiles (NumPy's default) of m
-    values: quantile q = v[lo] + (v[hi] - v[lo]) * frac."""
+    values: quantile q = v[lo] + (v[hi] - v[lo]) * frac, computed from v[hi] when frac >= 0.5
+    (v[hi] - (v[hi] - v[lo]) * (1 - frac)), as NumPy does."""
     pos = [q * (m - 1) for q in quantiles]
     lo = [int(np.floor(p)) for p in pos]
     hi = [min(i + 1, m - 1) for i in lo]

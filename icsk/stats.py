@@ -325,7 +325,15 @@ class Reducer:
         has_nan = srt[:, m - 1].isnan()  # NaN sorts last; a unit with NaN has NaN quantiles
         res = []
         for i, j, f in zip(lo_idx, hi_idx, frac, strict=True):
-            a = srt[:, i]
-            v = a + (srt[:, j] - a) * f if f > 0 else a.clone()
+            a, b = srt[:, i], srt[:, j]
+            # NumPy's lerp, in float32 as the lanes kernel: from the nearer side, so a finite
+            # value next to inf interpolates to inf, not inf - inf = NaN
+            f32 = np.float32(f)
+            if f == 0:
+                v = a.clone()
+            elif f32 < 0.5:
+                v = a + (b - a) * float(f32)
+            else:
+                v = b - (b - a) * float(np.float32(1) - f32)
             res.append(v.masked_fill_(has_nan, float("nan")).view(K, C))
         return res

@@ -292,3 +292,20 @@ def test_overflowing_units_give_what_torch_gives(n, fused):
     out = Reducer(StatSpec(stats=("mean", "var")), fused=fused)(x)
     np.testing.assert_array_equal(out["mean"][0].numpy(), x[0, :, :, 0].mean(0).numpy())
     np.testing.assert_array_equal(out["var"][0].numpy(), x[0, :, :, 0].var(0).numpy())
+
+
+@pytest.mark.parametrize("n", [6, 60, 300], ids=["lanes-6", "lanes-60", "dense-torch"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "torch"])
+def test_quantiles_next_to_inf_interpolate_as_numpy_does(n, fused):
+    """NumPy interpolates from the nearer order statistic: between -inf and 0 at weight >= 0.5 it
+    gives -inf (masked attention scores), between 2 and inf NaN; a + (b - a) f gave NaN and inf."""
+    k = n // 2
+    cols = [[-np.inf] * k + list(range(n - k)), list(range(n - k)) + [np.inf] * k]
+    x = torch.tensor(cols, dtype=torch.float32).T.reshape(1, n, 2, 1)
+    qs = (0.15, 0.3, 0.5, 0.7, 0.85)
+    out = Reducer(StatSpec(stats=("quantiles",), quantiles=qs), fused=fused)(x)
+    ref = np.quantile(np.array(cols, dtype=np.float64), qs, axis=1)  # [q, unit]
+    assert np.isneginf(ref[2, 0]) and np.isnan(ref[2, 1])  # the cases in question are in there
+    for i, q in enumerate(qs):
+        np.testing.assert_allclose(out[f"q{q:g}"][0].double().numpy(), ref[i], rtol=1e-6, equal_nan=True,
+                                   err_msg=f"q{q}")
