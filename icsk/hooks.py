@@ -626,6 +626,10 @@ class Recorder:
         n, c = xc.shape[0], xc.shape[1]
         x4 = xc.reshape(1, n, c, -1)
         if state.units is None:
+            prior = self._prior_layers.get(name, {}).get("units")
+            if prior is not None and prior != c:
+                raise RecorderError(f"layer {name!r} has {c} units, but {self.stats_dir} holds its statistics of earlier "
+                                    f"steps with {prior} units; continue that run with the same model, or pass a new path")
             state.units = c
             per_unit = len(self.spec.output_names()) + ("hist" in self.spec.stats) * (self.spec.hist_bins + 1)
             self._step_bytes += 4 * c * per_unit

@@ -1021,6 +1021,24 @@ def test_continuing_a_path_with_settings_that_change_the_numbers_is_refused(tmp_
             model(torch.randn(5, 4))
 
 
+@pytest.mark.parametrize("width", [6, 2])
+def test_continuing_a_path_with_a_layer_of_another_width_is_refused(tmp_path, width):
+    """Its histograms would lose units (or not load) next to the earlier steps' rows."""
+    def session(w: int, start: int) -> None:
+        model = nn.Sequential(nn.Linear(3, w))
+        with icsk.Recorder(model, layers=["0"], stats=["mean", "hist"], path=tmp_path, start_step=start) as rec:
+            for _ in range(2):
+                model(torch.randn(30, 3))
+                rec.step()
+
+    session(4, 0)
+    with pytest.raises(icsk.RecorderError, match=f"has {width} units.*with 4 units"):
+        session(width, 2)
+    session(4, 2)  # the same model continues it
+    assert sorted(icsk.load_run(tmp_path, "hist").query("step == 3").unit.unique()) == [0, 1, 2, 3]
+    assert sorted(icsk.load_run(tmp_path).step.unique()) == [0, 1, 2, 3]
+
+
 def test_torch_compile_runs_the_hooks_eagerly_without_recompiling():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
