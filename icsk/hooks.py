@@ -128,7 +128,10 @@ def _chunk_table(batches: list) -> pa.Table:
     for layer, mode, steps, counts, results in batches:
         steps = np.asarray(steps, dtype=np.int64)
         for stat in results[0]:
-            arr = torch.cat([r[stat] for r in results]).cpu().numpy().astype(np.float32, copy=False)
+            parts = [r[stat] for r in results]
+            if len({t.device for t in parts}) > 1:  # the model moved to another device within this chunk
+                parts = [t.cpu() for t in parts]
+            arr = torch.cat(parts).cpu().numpy().astype(np.float32, copy=False)
             add(steps, arr.reshape(len(steps), -1), mode=mode, layer=layer, stat=stat)
         add(steps, np.asarray(counts, dtype=np.float32).reshape(-1, 1), mode=mode, layer=layer, stat="count")
     widths = np.concatenate([np.full(a.shape[0], a.shape[1], dtype=np.int64) for a in values])
@@ -385,6 +388,7 @@ class Recorder:
         self._paused = 0
         self._owner: threading.Thread | None = None  # the thread that entered (joined before closing at exit)
         self._warned_transform = False  # a forward inside a torch.func transform was skipped
+        self._lock = threading.Lock()  # held by a capture (DataParallel's replicas run in threads)
         self._forced_mode: str | None = None  # "probe" inside probe(): forwards tagged so, whatever the flag
         self._pending_steps = 0
         self._saved_meta: dict | None = None  # recorder.json as last written (rewritten only on change)
@@ -451,18 +455,19 @@ class Recorder:
 
     def _on_forward(self, name: str, module: nn.Module, args: tuple, rest: Any) -> None:
         """A hooked module ran: capture its output (``rest``), or its input (first positional
-        argument, else the only keyword argument; ``rest`` holds the keyword arguments)."""
+        argument, else the only keyword argument; ``rest`` holds the keyword arguments). One
+        capture at a time: DataParallel runs its replicas' forwards in threads."""
         if self.capture == "output":
-            self._capture(name, module, rest)
-            return
-        kwargs = rest
-        if args:
-            self._capture(name, module, args[0])
-        elif len(kwargs) == 1:
-            self._capture(name, module, next(iter(kwargs.values())))
+            value = rest
+        elif args:
+            value = args[0]
+        elif len(rest) == 1:
+            value = next(iter(rest.values()))
         else:
-            raise RecorderError(f"layer {name!r} was called with keyword inputs {sorted(kwargs)} and no positional "
+            raise RecorderError(f"layer {name!r} was called with keyword inputs {sorted(rest)} and no positional "
                                 "one, so capture='input' cannot tell which to record; use capture='output'")
+        with self._lock:
+            self._capture(name, module, value)
 
     @contextmanager
     def probe(self) -> Iterator[None]:
@@ -558,6 +563,9 @@ class Recorder:
             if n + 1 == len(slots):
                 self._reduce_stage(state)
             return
+        if (state.device is not None and isinstance(value, torch.Tensor) and value.device != state.device
+                and getattr(module, "_is_replica", False)):
+            return  # DataParallel: every step records the replica on one device (its slice of the batch)
         x = (value if type(value) is torch.Tensor else self._tensor_of(name, module, value)).detach()
         self._capture_slow(state, name, module, x)
 
@@ -647,6 +655,7 @@ class Recorder:
         k = min(self.max_stage_steps, budget // (c * m * 4))
         if k < _min_stage_steps(x.device):
             state.results.append(self._reducer(x4, state.edges))  # reduce now, inside the hook
+            state.device = x.device
             state.steps.append(self.current_step)
             state.counts.append(m)
             return

@@ -926,6 +926,64 @@ def test_data_parallel_replicas_are_recorded():
                                rtol=1e-5)
 
 
+@pytest.mark.parametrize("shapes", ["fixed", "varying"])
+def test_data_parallel_replicas_in_threads_record_one_replica_per_step(shapes):
+    """parallel_apply runs the replicas' forwards in threads at once: each step must hold one
+    replica's statistics, whole (it mixed rows, wrote staging memory never filled, or crashed)."""
+
+    class Tap(nn.Module):
+        def forward(self, x):
+            return x
+
+    model = nn.Sequential(Tap())
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # thread switches inside the hooks, as often as possible
+    try:
+        with icsk.Recorder(model, layers=["0"], stats=["mean", "quantiles"], flush_every=7) as rec:
+            for step in range(120):
+                n = 4 + step % 3 if shapes == "varying" else 4
+                replicas = [model[0]._replicate_for_data_parallel() for _ in range(2)]
+                xs = [torch.full((n, 3), 10.0 * step + i) for i in range(2)]
+                threads = [threading.Thread(target=r, args=(x,)) for r, x in zip(replicas, xs, strict=True)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                rec.step()
+    finally:
+        sys.setswitchinterval(interval)
+    df = rec.to_frame()
+    assert sorted(df.step.unique()) == list(range(120))
+    for step, rows in df[df.stat != "count"].groupby("step"):
+        assert len(rows) == 4 * 3, step  # mean and three quantiles of 3 units, once
+        assert rows.value.nunique() == 1 and rows.value.iloc[0] in (10.0 * step, 10.0 * step + 1), step
+
+
+@needs_cuda
+def test_replicas_on_two_devices_record_the_first_device_and_a_moved_model_keeps_its_steps():
+    """DataParallel: a step's forward on another device than the first recorded one is another
+    replica's slice, left out; the model itself moving between devices within a chunk is kept."""
+
+    class Tap(nn.Module):
+        def forward(self, x):
+            return x
+
+    model = nn.Sequential(Tap())
+    with icsk.Recorder(model, layers=["0"], stats=["mean"], flush_every=100) as rec:
+        for step in range(4):
+            replicas = [model[0]._replicate_for_data_parallel() for _ in range(2)]
+            order = ["cuda", "cpu"] if step == 0 else ["cpu", "cuda"]
+            for r, dev in zip(replicas, order, strict=True):
+                r(torch.full((4, 2), 10.0 * step + (dev == "cpu"), device=dev))
+            rec.step()
+        for step in range(4, 8):  # the model itself: on the CPU, then on the GPU
+            model(torch.full((4, 2), 10.0 * step, device="cpu" if step < 6 else "cuda"))
+            rec.step()
+    df = rec.to_frame()
+    for step in range(8):
+        np.testing.assert_array_equal(frame_values(df, step, "0", "mean"), [10.0 * step] * 2)
+
+
 def test_select_is_applied_once():
     class Nested(nn.Module):
         def forward(self, x):
