@@ -91,14 +91,18 @@ def _is_linear_or_conv(name: str, module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
 
 
+def nearest_names(name: str, names: list[str]) -> list[str]:
+    """Up to five of ``names`` closest to ``name``; the first five when none is close."""
+    return difflib.get_close_matches(name, names, n=5, cutoff=0.3) or names[:5]
+
+
 def _no_match_message(sel: Any, names: list[str]) -> str:
     if not names:
         return ("the model has no submodules to record; to record the model itself, select it in a "
                 "wrapper: Recorder(nn.Sequential(model), layers=['0']) (the hooks go on the model, "
                 "so calling model(x) as before records it)")
     if isinstance(sel, str):
-        near = difflib.get_close_matches(sel, names, n=5, cutoff=0.3) or names[:5]
-        return f"layer {sel!r} matches no module of the model; nearest valid names: {near}"
+        return f"layer {sel!r} matches no module of the model; nearest valid names: {nearest_names(sel, names)}"
     if isinstance(sel, nn.Module):
         return (f"the {type(sel).__name__} passed in layers is not a submodule of this model (a copy?); "
                 f"pass one of its modules or its name, e.g. one of {names[:8]}")

@@ -429,12 +429,23 @@ def read_recorder_meta(stats_dir: str | os.PathLike) -> dict:
     return read_json(p) if p.exists() else {}
 
 
+def check_hist_recorded(metas: Sequence[dict]) -> None:
+    """Raise ValueError when recorder.json files say histograms were not recorded (none there
+    yet checks nothing)."""
+    recorded = [m["stats"] for m in metas if m.get("stats")]
+    if recorded and not any("hist" in stats for stats in recorded):
+        raise ValueError(f"histograms were not recorded here (stats: {recorded[0]}); record them with "
+                         "Recorder(..., stats=[..., 'hist']) or recorder.stats=[...,hist] in the training job")
+
+
 def read_histograms(stats_dir: str | os.PathLike, layers=None, steps=None, mode: str | None = "train",
                     strict: bool = True) -> pd.DataFrame:
     """Histograms as ``step, layer, unit, bin, left, right, count`` (plus ``mode`` when
     ``mode`` is None); bin 0 is the underflow bin (left = -inf) and bin B+1 the overflow bin
     (right = +inf)."""
     meta = read_recorder_meta(stats_dir)
+    if strict:
+        check_hist_recorded([meta])
     layers, _, steps = resolve_selection([meta], layers, None, steps, mode, strict)
     table = None if _selects_nothing(layers, None, steps) else read_chunks(stats_dir, filters=stats_filters(layers, ["hist"], steps, mode))
     cols = ["step", "layer", "unit", "bin", "left", "right", "count"] + (["mode"] if mode is None else [])
@@ -517,6 +528,8 @@ def load_run(
             return read_histograms(run_dir / "stats", layers, steps, mode, strict)
         return read_stats(run_dir / "stats", layers, stats, steps, mode, strict)
     dirs = [run_dir / "arms" / arm / "stats" for arm in arms]
+    if table == "hist" and strict:
+        check_hist_recorded([read_recorder_meta(d) for d in dirs])
     # checked against every arm at once: a layer recorded in one arm only is no error
     layers, stats, steps = resolve_selection([read_recorder_meta(d) for d in dirs], layers,
                                              None if table == "hist" else stats, steps, mode, strict)

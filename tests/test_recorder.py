@@ -666,6 +666,17 @@ def test_read_filters_take_single_names_globs_and_quantiles_and_reject_what_was_
     assert load_run(tmp_path, layers="blok1", strict=False).empty and load_run(tmp_path, "hist", steps=[]).empty
 
 
+def test_reading_histograms_that_were_not_recorded_says_so(tmp_path):
+    model = nn.Sequential(nn.Linear(5, 4))
+    with icsk.Recorder(model, stats=["mean"], path=tmp_path) as rec:
+        model(torch.randn(6, 5))
+        rec.step()
+    for read in (rec.histograms, lambda: load_run(tmp_path, "hist")):
+        with pytest.raises(ValueError, match=r"histograms were not recorded here \(stats: \['mean'\]\).*'hist'"):
+            read()
+    assert load_run(tmp_path, "hist", strict=False).empty
+
+
 def test_chunks_are_cut_by_steps_or_by_size(tmp_path):
     model = nn.Sequential(nn.Linear(5, 4))
     # 4 units x (mean + 2-bin histogram with under/overflow = 5 values) x 4 bytes = 80 bytes a step

@@ -18,7 +18,6 @@ G and G' (and the same noise the training forward that follows will draw).
 from __future__ import annotations
 
 import copy
-import difflib
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -29,6 +28,8 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.func import functional_call
+
+from ..hooks import nearest_names
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -163,7 +164,7 @@ def _layer_params(model: nn.Module, layers: Sequence[str]) -> list[list[str]]:
     out = []
     for layer in layers:
         if layer not in modules:
-            near = difflib.get_close_matches(layer, list(modules), n=5, cutoff=0.3)
+            near = nearest_names(layer, [n for n in modules if n])
             raise ValueError(f"layer {layer!r} is not a module of the model; nearest names: {near}")
         names = [canon[id(p)] for p in modules[layer].parameters() if p.requires_grad]
         if not names:
