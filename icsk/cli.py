@@ -16,6 +16,10 @@ def _hydra_main(cfg) -> None:
 
     hc = HydraConfig.get()
     overrides = list(hc.overrides.task)
+    if cfg.get("resume") and hc.mode != RunMode.MULTIRUN and not (Path(hc.runtime.output_dir) / "run.json").exists():
+        # (a sweep job that never started may have no folder yet: relaunched with resume=true, it starts)
+        sys.exit(f"icsk-train: resume=true, but {hc.runtime.output_dir} holds no run to continue (no run.json); pass "
+                 "the run's folder as hydra.run.dir=<run>, or drop resume=true to start a new run")
     try:
         info = run(cfg, hc.runtime.output_dir, overrides=overrides)
     except (ConfigError, KeyboardInterrupt) as e:
@@ -30,9 +34,13 @@ def _hydra_main(cfg) -> None:
 
 
 def run_line(info: dict, run_dir: str | Path) -> str:
-    """One line on how a job ended: its status, run folder and each arm's last test accuracy."""
+    """One line on how a job ended: its status, run folder, each arm's last test accuracy and the
+    arms that diverged (a finished job trains its other arms to the end)."""
     acc = [f"{arm} {d['test_acc']:.3f}" for arm, d in (info.get("final") or {}).items() if "test_acc" in d]
-    return f"icsk-train: {info.get('status')}: {run_dir}" + (f" (test_acc {', '.join(acc)})" if acc else "")
+    div = [f"{arm} at step {d.get('diverged_step')}" for arm, d in (info.get("arms") or {}).items()
+           if d.get("status") == "diverged"]
+    return (f"icsk-train: {info.get('status')}: {run_dir}" + (f" (test_acc {', '.join(acc)})" if acc else "")
+            + (f"; diverged: {', '.join(div)}" if div else ""))
 
 
 def train_main() -> None:

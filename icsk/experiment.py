@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 
 from . import metrics as M
 from .config import flatten
-from .data import BatchStream, DataBundle, dataset_options, get_dataset, probe_batch
-from .hooks import Recorder
+from .data import BatchStream, DataBundle, DatasetNotFoundError, dataset_options, get_dataset, probe_batch
+from .hooks import Recorder, RecorderError
 from .log import hydra_job_info, make_logger, run_identity
 from .models import make_pair, model_options, uses_batch_statistics
 from .models.norms import NORM_NAMES
@@ -109,7 +109,11 @@ def load_data(cfg: DictConfig) -> DataBundle:
     else:
         kw.setdefault("dim", int(cfg.model.get("dim", 32)))
     root = cfg.data.get("root")
-    return get_dataset(cfg.data.name, root=root if root is not None else "data", download=bool(cfg.data.download), **kw)
+    try:
+        return get_dataset(cfg.data.name, root=root if root is not None else "data", download=bool(cfg.data.download),
+                           **kw)
+    except DatasetNotFoundError as e:  # its message says where the files go and how to get them
+        raise ConfigError(str(e)) from None
 
 
 def build_arms_models(cfg: DictConfig, bundle: DataBundle) -> dict[str, nn.Module]:
@@ -135,7 +139,11 @@ def build_arms_models(cfg: DictConfig, bundle: DataBundle) -> dict[str, nn.Modul
         kw.update(dim=int(bundle.input_shape[0]), depth=int(m.depth))
     else:
         raise ConfigError(f"unknown model.name {m.name!r}; valid: mlp, vgg (cnn), dln")
-    return make_pair(str(m.name), arm_names(m), seed=int(cfg.seed), **kw)
+    names = arm_names(m)
+    try:
+        return make_pair(str(m.name), names, seed=int(cfg.seed), **kw)
+    except ValueError as e:  # a bad value of model.* (activation, variant, ...)
+        raise ConfigError(f"model={m.name}: {e}") from None
 
 
 def build_optimizer(ocfg: DictConfig, params) -> torch.optim.Optimizer:
@@ -237,14 +245,17 @@ def build_recorder(rcfg: DictConfig, model: nn.Module, path: Path) -> Recorder |
     if hist_range != "auto" and hist_range is not None:
         hist_range = tuple(float(v) for v in hist_range)
     sched = config_schedule(rcfg.get("schedule", 1), "recorder.schedule")
-    return Recorder(
-        model, layers=layers, capture=str(rcfg.get("capture", "output")), stats=list(rcfg.stats),
-        quantiles=[float(q) for q in rcfg.get("quantiles", (0.15, 0.5, 0.85))], hist_bins=int(rcfg.get("hist_bins", 32)),
-        hist_range=hist_range or "auto", schedule=sched, path=path, flush_every=int(rcfg.get("flush_every", 1024)),
-        flush_mb=float(rcfg.get("flush_mb", 8.0)),
-        sat_threshold=float(rcfg.get("sat_threshold", 4.0)), zero_eps=float(rcfg.get("zero_eps", 1e-6)),
-        hist_margin=float(rcfg.get("hist_margin", 0.5)),
-    )
+    try:
+        return Recorder(
+            model, layers=layers, capture=str(rcfg.get("capture", "output")), stats=list(rcfg.stats),
+            quantiles=[float(q) for q in rcfg.get("quantiles", (0.15, 0.5, 0.85))],
+            hist_bins=int(rcfg.get("hist_bins", 32)), hist_range=hist_range or "auto", schedule=sched, path=path,
+            flush_every=int(rcfg.get("flush_every", 1024)), flush_mb=float(rcfg.get("flush_mb", 8.0)),
+            sat_threshold=float(rcfg.get("sat_threshold", 4.0)), zero_eps=float(rcfg.get("zero_eps", 1e-6)),
+            hist_margin=float(rcfg.get("hist_margin", 0.5)),
+        )
+    except RecorderError as e:  # a bad recorder.* value (stats, layers, capture, ...)
+        raise ConfigError(f"recorder: {e}") from None
 
 
 def build_probes(mcfg: DictConfig | None, model_layers: list[str], probe_loss, lr: float,

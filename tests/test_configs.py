@@ -159,6 +159,10 @@ def test_the_cli_reports_a_typo_and_exits_nonzero(tmp_path):
                          env=env, timeout=120, cwd=tmp_path)
     assert res.returncode == 1 and res.stderr.startswith("icsk-train: optim.lr must be > 0")
     assert "Traceback" not in res.stderr
+    res = subprocess.run([*cmd, "resume=true", f"hydra.run.dir={tmp_path}/typo"], capture_output=True, text=True,
+                         env=env, timeout=120, cwd=tmp_path)  # a mistyped folder: nothing to resume
+    assert res.returncode == 1 and res.stderr.startswith(f"icsk-train: resume=true, but {tmp_path}/typo holds no run")
+    assert not (tmp_path / "typo" / "arms").exists()
 
 
 # ---------------------------------------------------------------------- refused values: the key and the fix
@@ -228,6 +232,17 @@ def test_an_unknown_normalizer_or_a_bad_schedule_names_its_config_key(tmp_path):
     assert refused(tmp_path, "model.norm=btach").startswith("model.norm: unknown normalizer(s) ['btach']")
     assert refused(tmp_path, "recorder.schedule=log:x").startswith("recorder.schedule=log:x: ")
     assert refused(tmp_path, "recorder.probe_schedule=-5").startswith("recorder.probe_schedule=-5: ")
+
+
+def test_bad_recorder_model_and_data_values_are_config_errors(tmp_path):
+    """A one-line icsk-train error that names what to fix, not Hydra's traceback of a bare error."""
+    assert refused(tmp_path, "recorder.stats=[mean,variance]").startswith(
+        "recorder: unknown statistic(s) ['variance']; choose from ['mean', 'var'")
+    assert "nearest valid names: ['block3.pre_act'" in refused(tmp_path, "recorder.layers=[block*.preact]")
+    assert refused(tmp_path, "recorder.capture=inputs") == "recorder: capture must be 'output' or 'input', got 'inputs'"
+    assert refused(tmp_path, "model.activation=sigmod").startswith("model=mlp: unknown activation 'sigmod'")
+    msg = refused(tmp_path, "data=mnist", f"data.root={tmp_path / 'nodata'}")
+    assert msg.startswith("mnist: files") and "data.download=true" in msg
 
 
 def test_valid_options_still_reach_the_model_and_the_data(tmp_path):

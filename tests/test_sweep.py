@@ -105,6 +105,17 @@ def test_joblib_multirun_jobs_get_own_folders_wandb_runs_and_a_summary(tmp_path)
     assert len(pd.read_parquet(sweep / "sweep_summary.parquet")) == 4
 
 
+def test_the_final_line_names_arms_that_diverged():
+    from icsk.cli import run_line
+
+    info = {"status": "finished", "final": {"bn": {"test_acc": 0.91}, "none": {"test_acc": 0.1}},
+            "arms": {"bn": {"status": "finished", "diverged_step": None},
+                     "none": {"status": "diverged", "diverged_step": 10}}}
+    assert run_line(info, "runs/x") == "icsk-train: finished: runs/x (test_acc bn 0.910, none 0.100); diverged: none at step 10"
+    info["arms"]["none"]["status"] = "finished"
+    assert run_line(info, "runs/x") == "icsk-train: finished: runs/x (test_acc bn 0.910, none 0.100)"
+
+
 @pytest.mark.slow
 def test_a_failed_job_does_not_stop_the_sweep_and_is_summarized(tmp_path):
     # the basic launcher runs the jobs in order; the first one fails before it trains
