@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .cli import CONF_DIR
 
@@ -17,6 +18,17 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+@functools.cache
+def group_keys(group: str) -> tuple[str, ...]:
+    """Every key that a config of ``group`` sets in conf/ (any of ``conf/<group>/*.yaml``; for
+    ``train``, the section of config.yaml): a key beyond them reaches no code."""
+    if group == "train":
+        nodes = [OmegaConf.load(CONF_DIR / "config.yaml").get("train") or {}]
+    else:
+        nodes = [OmegaConf.load(f) for f in sorted((CONF_DIR / group).glob("*.yaml"))]
+    return tuple(dict.fromkeys(k for node in nodes for k in node if k != "defaults"))
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import metrics as M
-from .config import flatten
+from .config import flatten, group_keys
 from .data import BatchStream, DataBundle, DatasetNotFoundError, dataset_options, get_dataset, probe_batch
 from .hooks import Recorder, RecorderError
 from .log import hydra_job_info, make_logger, run_identity
@@ -98,6 +98,17 @@ def _check_options(key: str, given: dict[str, Any], valid: Sequence[str], owner:
         hint = "".join(f" (did you mean {key}.{m[0]}?)" for k in bad if (m := difflib.get_close_matches(k, valid, n=1)))
         raise ConfigError(f"unknown {', '.join(f'{key}.{k}' for k in bad)} for {owner}{hint}: remove it or use a "
                           f"valid {key} name: {', '.join(valid) or '(none)'}")
+
+
+def check_group_keys(cfg: DictConfig) -> None:
+    """Refuse keys of model, data, optim and train that no config in conf/ sets (Hydra lets
+    ``+optim.momentun=0.9`` add one, which nothing would read)."""
+    owners = {"model": f"model={cfg.model.name}", "data": f"data={cfg.data.name}", "optim": f"optim={cfg.optim.name}",
+              "train": "the training loop"}
+    for group, owner in owners.items():
+        known = group_keys(group)
+        if known:
+            _check_options(group, {k: None for k in cfg[group]}, known, owner)
 
 
 def load_data(cfg: DictConfig) -> DataBundle:
@@ -489,6 +500,7 @@ def _run_held(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> di
             log.warning("%s finished already; nothing to resume", run_dir)
             return prior
     # everything that can refuse the config runs before the folder is written to
+    check_group_keys(cfg)
     seed_everything(int(cfg.seed))
     device = resolve_device(str(cfg.device))
     _check_intervals(cfg.train)

@@ -234,6 +234,17 @@ def test_an_unknown_normalizer_or_a_bad_schedule_names_its_config_key(tmp_path):
     assert refused(tmp_path, "recorder.probe_schedule=-5").startswith("recorder.probe_schedule=-5: ")
 
 
+def test_a_key_added_that_no_config_sets_is_refused(tmp_path):
+    """``+optim.momentun=0.9`` ran with momentum 0 and said nothing."""
+    assert refused(tmp_path, "+optim.momentun=0.9").startswith(
+        "unknown optim.momentun for optim=sgd (did you mean optim.momentum?): remove it or use a valid optim name: "
+        "name, lr, ")
+    assert refused(tmp_path, "+train.stepz=5").startswith("unknown train.stepz for the training loop (did you mean "
+                                                          "train.steps?)")
+    assert refused(tmp_path, "+model.dept=5").startswith("unknown model.dept for model=mlp (did you mean model.depth?)")
+    assert refused(tmp_path, "+data.batchsize=5").startswith("unknown data.batchsize for data=mnist5k")
+
+
 def test_bad_recorder_model_and_data_values_are_config_errors(tmp_path):
     """A one-line icsk-train error that names what to fix, not Hydra's traceback of a bare error."""
     assert refused(tmp_path, "recorder.stats=[mean,variance]").startswith(

@@ -20,7 +20,6 @@ import torch
 
 import icsk
 from icsk.config import compose
-from icsk.data import DatasetNotFoundError
 from icsk.experiment import ConfigError, run
 from icsk.store import ChunkWriter, read_chunks
 
@@ -385,9 +384,9 @@ def test_bad_inputs_get_clear_messages(tmp_path):
     # a refused config leaves nothing behind: the same folder takes the fixed config, no resume needed
     assert not (tmp_path / "probe0" / "arms").exists() and not (tmp_path / "probe0" / "config.yaml").exists()
     assert job(tmp_path / "probe0", "recorder.probe_schedule=5", "data.probe_size=2", steps=2)["status"] == "finished"
-    with pytest.raises(DatasetNotFoundError, match=str(tmp_path / "nodata")):
+    with pytest.raises(ConfigError, match=str(tmp_path / "nodata")):  # (icsk-train prints config errors in one line)
         job(tmp_path / "mnist", "data=mnist", f"data.root={tmp_path / 'nodata'}", steps=2)
-    with pytest.raises(icsk.RecorderError, match=r"block9.pre_act.*nearest valid names.*block\d.pre_act"):
+    with pytest.raises(ConfigError, match=r"recorder: .*block9.pre_act.*nearest valid names.*block\d.pre_act"):
         job(tmp_path / "layer", "recorder.layers=[block9.pre_act]", steps=2)
 
 
