@@ -150,7 +150,7 @@ def build_arms_models(cfg: DictConfig, bundle: DataBundle) -> dict[str, nn.Modul
         kw.update(dim=int(bundle.input_shape[0]), depth=int(m.depth))
     else:
         raise ConfigError(f"unknown model.name {m.name!r}; valid: mlp, vgg (cnn), dln")
-    names = arm_names(m)
+    names = arm_names(m)  # (its ConfigError names its own key)
     try:
         return make_pair(str(m.name), names, seed=int(cfg.seed), **kw)
     except ValueError as e:  # a bad value of model.* (activation, variant, ...)

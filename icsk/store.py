@@ -528,11 +528,11 @@ def load_run(
             return read_histograms(run_dir / "stats", layers, steps, mode, strict)
         return read_stats(run_dir / "stats", layers, stats, steps, mode, strict)
     dirs = [run_dir / "arms" / arm / "stats" for arm in arms]
+    metas = [read_recorder_meta(d) for d in dirs]
     if table == "hist" and strict:
-        check_hist_recorded([read_recorder_meta(d) for d in dirs])
+        check_hist_recorded(metas)
     # checked against every arm at once: a layer recorded in one arm only is no error
-    layers, stats, steps = resolve_selection([read_recorder_meta(d) for d in dirs], layers,
-                                             None if table == "hist" else stats, steps, mode, strict)
+    layers, stats, steps = resolve_selection(metas, layers, None if table == "hist" else stats, steps, mode, strict)
     frames = []
     for arm, sd in zip(arms, dirs, strict=True):
         df = (read_histograms(sd, layers, steps, mode, strict=False) if table == "hist"
