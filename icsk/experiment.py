@@ -101,10 +101,12 @@ def _check_options(key: str, given: dict[str, Any], valid: Sequence[str], owner:
 
 
 def check_group_keys(cfg: DictConfig) -> None:
-    """Refuse keys of model, data, optim and train that no config in conf/ sets (Hydra lets
-    ``+optim.momentun=0.9`` add one, which nothing would read)."""
+    """Refuse keys of model, data, optim, train and recorder that no config in conf/ sets (Hydra
+    lets ``+optim.momentun=0.9`` add one, which nothing would read). The recorder's are the
+    Recorder options the job passes on and the probe batch's schedule: no ``modes`` or
+    ``channel_dim`` (the job records training forwards only, and its models' units are on dim 1)."""
     owners = {"model": f"model={cfg.model.name}", "data": f"data={cfg.data.name}", "optim": f"optim={cfg.optim.name}",
-              "train": "the training loop"}
+              "train": "the training loop", "recorder": "the Recorder"}
     for group, owner in owners.items():
         known = group_keys(group)
         if known:
@@ -240,15 +242,9 @@ def config_schedule(value: Any, key: str) -> Schedule:
         raise ConfigError(f"{key}={value}: {e}") from None
 
 
-# cfg.recorder: the Recorder options the job passes on, and the probe batch's schedule (the job
-# records training forwards only: evaluation runs paused, and its models' units are on dim 1)
-RECORDER_KEYS = ("enabled", "layers", "capture", "stats", "quantiles", "hist_bins", "hist_range", "hist_margin",
-                 "sat_threshold", "zero_eps", "schedule", "probe_schedule", "flush_every", "flush_mb")
-
-
 def build_recorder(rcfg: DictConfig, model: nn.Module, path: Path) -> Recorder | None:
-    """The Recorder of one arm from ``cfg.recorder`` (None when disabled)."""
-    _check_options("recorder", _plain(rcfg), RECORDER_KEYS, "the Recorder")
+    """The Recorder of one arm from ``cfg.recorder`` (None when disabled; its keys are checked
+    by :func:`check_group_keys`)."""
     if not rcfg.get("enabled", True):
         return None
     layers = list(rcfg.layers) if rcfg.get("layers") is not None else None

@@ -190,8 +190,8 @@ class _LayerState:
         self.move_units = False  # whether the unit axis must be moved to dim 1 (channels-last)
         self.warned_empty = False  # an empty batch was reported once
         self.pending: list[Future | None] = [None, None]  # reduction running on each buffer
-        self.shape: torch.Size | None = None  # activation shape and device the slots were made for
-        self.device: torch.device | None = None
+        self.shape: torch.Size | None = None  # activation shape the slots were made for
+        self.device: torch.device | None = None  # of the slots, or of the last reduction inside the hook
         self.stage_steps: list[int] = []
         self.steps: list[int] = []  # steps of the pending results
         self.counts: list[int] = []  # values per unit at each pending step
