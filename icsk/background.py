@@ -4,7 +4,8 @@ A second OpenMP team (a worker's) next to the training thread's would spin on th
 and slow every training step down (2.5x measured on 2 cores), so workers run torch ops on one
 thread. On Linux they also run at idle priority (``SCHED_IDLE``): they use cycles the training
 threads leave free and never preempt them. When training keeps every core busy, a worker still
-gets its turn the moment the training thread waits for it (a full staging buffer, a flush).
+gets its turn the moment the training thread waits for it (a full staging buffer, a flush);
+the Recorder then reduces on the training thread instead (:func:`spare_core`).
 Other processes keeping every core busy would starve it, and training with it: a wait longer
 than ``STARVED_S`` moves the workers to normal priority for the rest of the process (or, where
 that is not permitted, warns to set ``ICSK_IDLE_WORKERS=0``).
@@ -12,11 +13,13 @@ that is not permitted, warns to set ``ICSK_IDLE_WORKERS=0``).
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -49,6 +52,31 @@ def background_pool(name: str) -> ThreadPoolExecutor:
     pool.submit(lambda: None).result()  # start the worker now
     torch.set_num_threads(threads)
     return pool
+
+
+@functools.cache
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def spare_core() -> bool:
+    """Whether the process may use a core beside torch's intra-op threads, for a worker to run
+    on while training goes on. Without one, an idle-priority worker runs only once the training
+    thread waits for it, and then on data gone cold in the cache: work the training thread
+    needs soon (a staging buffer's reduction) is faster done on that thread right away
+    (reports/benchmarks.md)."""
+    return torch.get_num_threads() < _usable_cores()
+
+
+def done_future(fn: Callable[..., Any], *args: Any) -> Future:
+    """``fn(*args)`` run now, on this thread, as a finished future (its result or its error, as a
+    pool's would hold it; an interrupt such as Ctrl-C propagates)."""
+    fut: Future = Future()
+    try:
+        fut.set_result(fn(*args))
+    except Exception as e:
+        fut.set_exception(e)
+    return fut
 
 
 def wait_for(fut: Future) -> Any:

@@ -32,7 +32,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from .background import background_pool, wait_for
+from .background import background_pool, done_future, spare_core, wait_for
 from .schedule import Schedule
 from .stats import ALL_STATS, DEFAULT_STATS, Reducer, StatSpec
 from .store import (ChunkWriter, FolderBusyError, FolderLease, hist_edges_of, last_recorded_step, names_matching,
@@ -314,7 +314,8 @@ class Recorder:
         stage_mb: staging budget per layer and buffer (two buffers), in MB; default 8 on the CPU
             (cache-sized) and 64 on GPUs. A layer is staged when 2 steps fit (1 on GPUs) and then
             reduced K steps at a time on a background thread, which on a GPU also takes the kernel
-            launches off the training thread; larger layers are reduced inside the hook.
+            launches off the training thread (on a CPU whose cores all run torch's threads, the
+            training thread reduces a full buffer itself); larger layers are reduced inside the hook.
     """
 
     def __init__(
@@ -710,13 +711,18 @@ class Recorder:
         """Hand the filled staging buffer to the reducer thread and switch to the other one.
 
         The reduction (sorting for quantiles, mostly) then overlaps the next training steps;
-        a buffer is refilled only after its previous reduction has finished (:meth:`_await_buffer`)."""
+        a buffer is refilled only after its previous reduction has finished (:meth:`_await_buffer`).
+        On a CPU whose every core runs one of torch's threads, the reducer thread would get its
+        turn only when training waits for it: the buffer is reduced here, on the training thread."""
         k = len(state.stage_steps)
         if k == 0:
             return
         st = state.stage
-        fut = self._reduce_pool.submit(_on_stream, _stream_of(st.device), self._stage_reducer.reduce_staged,
-                                       st[:k], state.edges)
+        if st.device.type == "cpu" and not spare_core():  # no core for the reducer thread: reduce here
+            fut = done_future(self._reducer.reduce_staged, st[:k], state.edges)
+        else:
+            fut = self._reduce_pool.submit(_on_stream, _stream_of(st.device), self._stage_reducer.reduce_staged,
+                                           st[:k], state.edges)
         state.results.append(fut)
         state.steps.extend(state.stage_steps)
         state.counts.extend([st.shape[1] * st.shape[3]] * k)

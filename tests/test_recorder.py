@@ -127,6 +127,48 @@ def test_one_step_stages_match_reference(device, monkeypatch, tmp_path):
             np.testing.assert_allclose(frame_values(df, step, "0", stat), ref[stat], rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("spare", [True, False])
+def test_staged_cpu_layers_are_reduced_on_a_spare_core_else_on_the_training_thread(spare, monkeypatch, tmp_path):
+    """With a core beside torch's threads, a full staging buffer goes to the reducer thread;
+    without one (that thread would run only when training waits for it), the training thread
+    reduces it at once. Both give the float64 reference's statistics."""
+    monkeypatch.setattr(icsk.hooks, "spare_core", lambda: spare)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 30), nn.Sigmoid())
+    cap = Capture(model[1])
+    rec = icsk.Recorder(model, layers=["1"], stats=["mean", "var", "quantiles"], path=tmp_path, max_stage_steps=4)
+    threads = []
+    for reducer in (rec._reducer, rec._stage_reducer):
+        monkeypatch.setattr(reducer, "reduce_staged", (lambda f: lambda *a: (threads.append(threading.current_thread()),
+                                                                            f(*a))[1])(reducer.reduce_staged))
+    with rec:
+        for _ in range(10):
+            model(torch.randn(40, 12))
+            rec.step()
+    assert len(rec._states[("1", "train")].buffers) == 2  # staged, four steps a buffer
+    assert len(threads) == 3  # two full buffers, and the half-full one at exit
+    on_training_thread = [t is threading.current_thread() for t in threads]
+    assert on_training_thread == [not spare] * 3
+    df = rec.to_frame()
+    for step, a in enumerate(cap.values):
+        ref = reference(a)
+        for stat in ("mean", "var", "q0.15", "q0.5", "q0.85"):
+            np.testing.assert_allclose(frame_values(df, step, "1", stat), ref[stat], rtol=2e-5, atol=2e-6)
+
+
+def test_a_spare_core_is_one_beside_torchs_threads():
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(cores)
+        assert not background.spare_core()
+        if cores > 1:
+            torch.set_num_threads(cores - 1)
+            assert background.spare_core()
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("stage_mb", [8.0, 0.0])
@@ -834,6 +876,7 @@ def test_load_run_filters_across_arms_that_record_different_layers(tmp_path):
 def test_variable_shapes_keep_staging_memory_bounded_and_numbers_right(monkeypatch):
     """Sequence lengths that change every step (dynamic padding) restage the layer each step; with a
     reducer slower than training, the copies must wait for it instead of queueing without bound."""
+    monkeypatch.setattr(icsk.hooks, "spare_core", lambda: True)  # reduced on the reducer thread
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16))
     rec = icsk.Recorder(model, layers=["0"], stats=["mean", "var"], channel_dim=-1)
