@@ -13,7 +13,9 @@ import os
 import random
 import re
 import shlex
+import shutil
 import signal
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -377,7 +379,22 @@ def resume_command(first: Sequence[str], run_dir: str | Path) -> str:
     """The shell command that continues the run in ``run_dir``, first launched with ``first``."""
     words = [*(o for o in first if not o.startswith(("resume=", "+resume="))), "resume=true",
              f"hydra.run.dir={_hydra_quoted(str(run_dir))}"]
-    return f"icsk-train {' '.join(_shell_word(w) for w in words)}"
+    return f"{_program()} {' '.join(_shell_word(w) for w in words)}"
+
+
+def _program() -> str:
+    """How this process was started, as a command to type again from the same folder:
+    ``icsk-train`` where that is the one on PATH, else the path it ran from
+    (``.venv/bin/icsk-train``), or the interpreter and script for ``python scripts/train.py``."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    name = os.path.basename(argv0)
+    if name not in ("icsk-train", "train.py") or not os.path.isfile(argv0):
+        return "icsk-train"  # (a launcher's worker, a test)
+    if name == "icsk-train":
+        on_path = shutil.which("icsk-train")
+        return "icsk-train" if on_path and os.path.samefile(on_path, argv0) else _shell_word(argv0)
+    python = os.path.relpath(sys.executable)
+    return f"{_shell_word(python if not python.startswith('..') else sys.executable)} {_shell_word(argv0)}"
 
 
 def _hydra_quoted(value: str) -> str:

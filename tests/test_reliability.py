@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -332,7 +333,11 @@ def test_signal_flushes_and_marks_interrupted(tmp_path, sig):
         proc.kill()
     out = proc.stdout.read()
     assert proc.returncode == 130 and "Traceback" not in out, out  # one line, with the way on
-    assert f"icsk-train: interrupted: {tmp_path}; continue it with: icsk-train " in out and "resume=true" in out
+    assert f"icsk-train: interrupted: {tmp_path}; continue it with: " in out and "resume=true" in out
+    again = shlex.split(out.split("continue it with: ")[1].splitlines()[0])
+    assert Path(again[0]).resolve() == Path(sys.executable).resolve() or Path(ROOT, again[0]).resolve() == Path(
+        sys.executable).resolve()  # the interpreter and script it was started with, to type again in ROOT
+    assert again[1] == str(ROOT / "scripts" / "train.py") and again[-1] == f"hydra.run.dir='{tmp_path}'"
     info = json.loads((tmp_path / "run.json").read_text())
     assert info["status"] == "interrupted"
     df = icsk.load_run(tmp_path, stats=["mean"], layers=["block1.pre_act"])
@@ -341,6 +346,31 @@ def test_signal_flushes_and_marks_interrupted(tmp_path, sig):
     # forward of a step cut short by the signal may be recorded too
     got = sorted(df[df.arm == "bn"].step.unique())
     assert got == list(range(len(got))) and len(got) - 1 in (last, last + 1) and last > 0
+
+
+def test_the_command_that_continues_a_run_starts_the_program_as_the_user_did(tmp_path, monkeypatch):
+    """``.venv/bin/icsk-train`` run without activating the venv must be told to run that again,
+    not ``icsk-train`` (not on PATH, or another install's)."""
+    from icsk.experiment import resume_command
+
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "icsk-train").write_text("#!/bin/sh\n")
+    (bin_dir / "icsk-train").chmod(0o755)
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "train.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setattr(sys, "argv", [".venv/bin/icsk-train", "seed=1"])
+    assert resume_command(["seed=1"], "runs/a") == (".venv/bin/icsk-train seed=1 resume=true "
+                                                        "\"hydra.run.dir='runs/a'\"")
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")  # the venv active: its icsk-train is the one on PATH
+    assert resume_command(["seed=1"], "runs/a").startswith("icsk-train seed=1 resume=true ")
+    monkeypatch.setattr(sys, "argv", ["scripts/train.py", "seed=1"])
+    words = shlex.split(resume_command(["seed=1"], "runs/a"))
+    assert (tmp_path / words[0]).resolve() == Path(sys.executable).resolve() and words[1] == "scripts/train.py"
+    monkeypatch.setattr(sys, "argv", ["-c"])  # neither (a launcher's worker process): the console script
+    assert resume_command([], "runs/a").startswith("icsk-train resume=true ")
 
 
 def test_signal_during_a_chunk_write_loses_no_chunk(tmp_path):
