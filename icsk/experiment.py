@@ -271,17 +271,22 @@ def build_probes(mcfg: DictConfig | None, model_layers: list[str], probe_loss, l
                  model_groups: list[str] | None = None) -> list[Probe]:
     """Online metric probes (gradient ICS, loss smoothness, BN gap) from ``cfg.metrics``.
 
-    Gradient ICS defaults to ``model_layers`` (the weight layers), each moving with its block
-    (``model_groups``, normalizer parameters included) in G' of the layers after it."""
+    Gradient ICS probes ``model_layers`` (the weight layers), or those of them ``metrics.ics.layers``
+    names; each weight layer moves with its block (``model_groups``, normalizer parameters
+    included) in G' of the layers after it, probed or not."""
     probes: list[Probe] = []
     if mcfg is None:
         return probes
     ics = mcfg.get("ics")
     if ics is not None and ics.get("enabled", False):
-        layers, groups = (list(ics.layers), None) if ics.get("layers") else (model_layers, model_groups)
+        only = list(ics.layers) if ics.get("layers") else None
+        if only is not None and (unknown := [n for n in only if n not in model_layers]):
+            raise ConfigError(f"metrics.ics.layers: {unknown} are not weight layers of the model; choose among "
+                              f"{model_layers} (or null for all)")
 
         def ics_fn(arm: Arm, batch, step: int):
-            df = M.gradient_ics(arm.model, probe_loss, batch, arm.optimizer, layers, groups=groups)
+            df = M.gradient_ics(arm.model, probe_loss, batch, arm.optimizer, model_layers, groups=model_groups,
+                                only=only)
             return [({"ics_l2": r.l2, "ics_cos": r.cos, "ics_grad_norm": r.grad_norm}, r.layer) for r in df.itertuples()]
 
         probes.append(Probe("ics", config_schedule(ics.get("schedule", 100), "metrics.ics.schedule"), ics_fn))

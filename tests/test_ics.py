@@ -144,6 +144,48 @@ def test_groups_move_the_whole_earlier_block(kind):
         gradient_ics(model, ce_loss, batch, opt, layers, groups=["0", "1"])
 
 
+def test_probing_some_layers_moves_every_earlier_block_still():
+    """``only=`` probes a subset: its rows are those of the full list (the reference), since
+    the blocks before each probed layer move in G' whether probed or not."""
+    model = blocked_bn_net()
+    opt = make_opt("sgd", model)
+    train_steps(model, opt, 3)
+    batch = make_batch(seed=97)
+    layers, groups = ["0.0", "1.0", "2"], ["0", "1", "2"]
+    want = reference_ics("sgd", model, opt, batch, layers, groups)
+    for only in (["1.0"], ["2"], ["1.0", "2"]):
+        got = gradient_ics(model, ce_loss, batch, opt, layers, groups=groups, only=only)
+        assert list(got.layer) == only
+        for row in got.itertuples():
+            l2, cos, gn = want[layers.index(row.layer)]
+            assert_close(row.l2, l2, rtol=1e-7, atol=1e-12)
+            assert_close(row.cos, cos, rtol=1e-10, atol=1e-12)
+            assert row.l2 > 0
+    with pytest.raises(ValueError, match=r"\['3'\] not among the layers"):
+        gradient_ics(model, ce_loss, batch, opt, layers, only=["3"])
+
+
+def test_cos_of_an_overflowing_g_prime_is_nan_not_one():
+    """G' = inf (a diverging arm): cos is undefined, not "perfectly aligned" (min(1.0, nan) is 1.0)."""
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False)
+            with torch.no_grad():
+                self.l1.weight.fill_(-0.5)
+                self.l2.weight.fill_(1.0)
+
+        def forward(self, x):
+            a = self.l1(x)
+            return self.l2(a * torch.exp(a))
+
+    model = Toy()
+    opt = torch.optim.SGD(model.parameters(), lr=400.0, maximize=True)  # a' = 121: G' of l2 overflows
+    got = gradient_ics(model, lambda m, b: m(b).sum(), torch.tensor([[1.0]]), opt, ["l1", "l2"])
+    assert math.isinf(got.l2.iloc[1]) and math.isnan(got.cos.iloc[1])
+
+
 @pytest.mark.parametrize("kind", ["sgd", "adam", "adamw"])
 def test_matches_slow_reference(kind):
     model = bn_net()

@@ -109,10 +109,21 @@ def test_online_probes_do_not_change_training(tmp_path):
 
 def test_gradient_ics_of_the_job_moves_whole_earlier_blocks(tmp_path):
     """The job's G' moves each earlier block whole (BN's gamma/beta too), as DESIGN's W_1..W_{i-1}."""
-    tiny(tmp_path, "metrics=santurkar", "metrics.ics.schedule=5", "metrics.smoothness.enabled=false",
-         "metrics.bn_gap.enabled=false", steps=1)
+    probes = ["metrics=santurkar", "metrics.ics.schedule=5", "metrics.smoothness.enabled=false",
+              "metrics.bn_gap.enabled=false"]
+    tiny(tmp_path, *probes, steps=1)
     m = icsk.load_run(tmp_path, table="metrics")
     got = m[(m.metric == "ics_l2") & (m.arm == "bn") & (m.step == 0)].set_index("layer").value
+    # probing some layers (metrics.ics.layers) gives their rows of the full list: blocks not
+    # probed still move in G' (they stayed at w_t, and the first probed layer's G' was G)
+    tiny(tmp_path / "some", *probes, "metrics.ics.layers=[block2.linear,head]", steps=1)
+    m2 = icsk.load_run(tmp_path / "some", table="metrics")
+    some = m2[(m2.metric == "ics_l2") & (m2.arm == "bn")].set_index("layer").value
+    assert sorted(some.index) == ["block2.linear", "head"]
+    np.testing.assert_allclose(some[["block2.linear", "head"]].to_numpy(), got[["block2.linear", "head"]].to_numpy(),
+                               rtol=1e-6)
+    with pytest.raises(ConfigError, match=r"metrics.ics.layers: \['block2'\] are not weight layers"):
+        tiny(tmp_path / "bad", *probes, "metrics.ics.layers=[block2]", steps=1)
     cfg = compose(["experiment=demo"])
     from icsk.data import BatchStream
     from icsk.experiment import build_arms_models, build_optimizer, load_data

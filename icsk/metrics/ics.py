@@ -249,6 +249,7 @@ def gradient_ics(
     layers: Sequence[str],
     *,
     groups: Sequence[str] | None = None,
+    only: Sequence[str] | None = None,
     train: bool = True,
 ) -> pd.DataFrame:
     """Santurkar's gradient ICS of each layer: rows ``layer, l2, cos, grad_norm``.
@@ -259,12 +260,18 @@ def gradient_ics(
     parameters that move to w_{t+1} as "layer i" in G' of the layers after it (default: the
     layers themselves). Parameters in no group stay at w_t, so with ``layers`` =
     ``block{i}.linear`` the BN affine parameters between them move only if
-    ``groups`` = ``block{i}``. Call at w_t before the training step; model, buffers, ``.grad``,
+    ``groups`` = ``block{i}``. The first layer's G' is G: list the network's first weight
+    layer first. ``only``: some of ``layers``, the ones to probe (rows, and one backward each);
+    the others still move in G' of the layers after them, so the rows are those of the full
+    list. Call at w_t before the training step; model, buffers, ``.grad``,
     optimizer state and RNG are left exactly as found. ``train``: run the probe forwards in
     training mode (modes restored afterwards); False keeps the current modes.
     Closure-based optimizers (LBFGS) are not supported."""
     per_layer = _layer_params(model, layers)
     per_group = per_layer if groups is None else _group_params(model, layers, groups, per_layer)
+    if only is not None and (unknown := [n for n in only if n not in layers]):
+        raise ValueError(f"only={list(only)}: {unknown} not among the layers, which are {list(layers)}")
+    probed = set(layers if only is None else only)
     trainable = _trainable(model)
     named = dict(model.named_parameters())
     with _probe_context(model, train) as rng:
@@ -277,16 +284,17 @@ def gradient_ics(
         rows = []
         params = dict(current)
         for i, names in enumerate(per_layer):
-            G = [g_full[n] for n in names]
-            if i == 0:
-                Gp = G  # nothing precedes layer 1: G' is G by definition
-            else:
+            if i > 0:
                 for n in per_group[i - 1]:
                     params[n] = updated[n]
-                _, Gp = ev.grad(params, names)
+            if layers[i] not in probed:
+                continue
+            G = [g_full[n] for n in names]
+            Gp = G if i == 0 else ev.grad(params, names)[1]  # nothing precedes layer 1: G' is G by definition
             gg, pp, gp = _dot(G, G), _dot(Gp, Gp), _dot(G, Gp)
             diff = [x - y for x, y in zip(G, Gp, strict=True)]
             l2 = math.sqrt(_dot(diff, diff))
-            cos = max(-1.0, min(1.0, gp / math.sqrt(gg * pp))) if gg > 0 and pp > 0 else float("nan")
+            c = gp / math.sqrt(gg * pp) if gg > 0 and pp > 0 else float("nan")
+            cos = max(-1.0, min(1.0, c)) if math.isfinite(c) else float("nan")  # (min(1.0, nan) is 1.0)
             rows.append((layers[i], l2, cos, math.sqrt(gg)))
     return pd.DataFrame(rows, columns=["layer", "l2", "cos", "grad_norm"])
