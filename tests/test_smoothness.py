@@ -4,6 +4,7 @@ backprop on copies, and no side effects."""
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -183,3 +184,27 @@ def test_reusing_the_training_gradient_gives_the_same_result():
     reused = loss_smoothness(model, lf, batch, 0.1, grad=grads, loss=loss.item())
     for k in ("loss", "loss_min", "loss_max", "grad_change_min", "grad_change_max", "beta", "grad_norm"):
         assert reused[k] == pytest.approx(full[k], rel=1e-6, abs=1e-9), k
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_a_nan_probe_point_makes_min_and_max_nan_whatever_the_order(order):
+    """A step size whose loss is NaN (log of a negative weight) makes the variation unbounded:
+    min and max are NaN, for ascending and descending scales alike."""
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.tensor([1.0]))
+
+        def forward(self, x):
+            return self.w
+
+    def loss(m, b):
+        return (torch.log(m(b)) + 2 * m(b)).sum()  # g = 3: NaN once 1 - 0.3 * scale < 0
+
+    r = loss_smoothness(Toy(), loss, None, lr=0.1, scales=[0.5, 1.0, 2.0, 4.0][::order], return_curve=True)
+    assert r["curve"].loss.isna().sum() == 1  # only eta = 0.4 (the gradient 1/w + 2 stays finite there)
+    assert math.isnan(r["loss_min"]) and math.isnan(r["loss_max"])
+    assert r["grad_change_max"] == r["curve"].grad_change.max() and math.isfinite(r["beta"])
+    finite = loss_smoothness(Toy(), loss, None, lr=0.1, scales=[0.5, 1.0, 2.0][::order])
+    assert math.isfinite(finite["loss_max"]) and finite["loss_min"] < finite["loss_max"]

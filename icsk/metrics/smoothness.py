@@ -51,7 +51,8 @@ def loss_smoothness(
 
     Returns floats ``loss`` (L(w)), ``grad_norm`` (‖g‖), ``loss_min``/``loss_max`` (over η of
     L(w − ηg)), ``grad_change_min``/``grad_change_max`` and ``beta`` (max over η of
-    ‖∇L(w) − ∇L(w − ηg)‖ / ‖ηg‖); with ``return_curve`` also ``curve``, a DataFrame with one row
+    ‖∇L(w) − ∇L(w − ηg)‖ / ‖ηg‖), each NaN when a step size gives NaN (the variation is then
+    unbounded, whatever the order of ``scales``); with ``return_curve`` also ``curve``, a DataFrame with one row
     per η: ``scale, eta, loss, grad_change, beta``. ``train``: training-mode forwards (BN on batch
     statistics; modes restored afterwards); False keeps the current modes.
 
@@ -90,11 +91,12 @@ def loss_smoothness(
     out: dict[str, Any] = {
         "loss": float(loss0),
         "grad_norm": gnorm,
-        "loss_min": min(losses),
-        "loss_max": max(losses),
-        "grad_change_min": min(changes),
-        "grad_change_max": max(changes),
-        "beta": max(betas),
+        # np.min/np.max: NaN anywhere gives NaN (Python's min/max keep or drop it by position)
+        "loss_min": float(np.min(losses)),
+        "loss_max": float(np.max(losses)),
+        "grad_change_min": float(np.min(changes)),
+        "grad_change_max": float(np.max(changes)),
+        "beta": float(np.max(betas)),
     }
     if return_curve:
         out["curve"] = pd.DataFrame(rows, columns=["scale", "eta", "loss", "grad_change", "beta"])
