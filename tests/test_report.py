@@ -49,18 +49,18 @@ def tiny_net(norm: str) -> nn.Module:
 
 def make_run(run_dir: Path, *, seed: int = 0, lr: float = 0.5, arms=("bn", "none"), diverge: dict | None = None,
              hist: bool = True, metrics: bool = True, extra_metrics: bool = True, stats=None,
-             config: dict | None = None) -> Path:
+             config: dict | None = None, quantiles=(0.15, 0.5, 0.85)) -> Path:
     """A paired run folder: config.yaml (``config`` merged in), run.json, arms/<arm>/stats (Recorder), metrics/."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: thread start-up and contention cost more than the maths
     try:
         return _make_run(run_dir, seed=seed, lr=lr, arms=arms, diverge=diverge or {}, hist=hist, metrics=metrics,
-                         extra_metrics=extra_metrics, stats=stats, config=config or {})
+                         extra_metrics=extra_metrics, stats=stats, config=config or {}, quantiles=quantiles)
     finally:
         torch.set_num_threads(threads)
 
 
-def _make_run(run_dir: Path, *, seed, lr, arms, diverge, hist, metrics, extra_metrics, stats, config) -> Path:
+def _make_run(run_dir: Path, *, seed, lr, arms, diverge, hist, metrics, extra_metrics, stats, config, quantiles) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = {"name": "tiny", "seed": seed, "model": {"name": "mlp", "arms": list(arms), "init_scale": 1.0},
            "data": {"name": "synthetic", "batch_size": 32}, "optim": {"name": "sgd", "lr": lr},
@@ -75,7 +75,8 @@ def _make_run(run_dir: Path, *, seed, lr, arms, diverge, hist, metrics, extra_me
     for arm in arms:
         net = tiny_net(arm)
         last = STEPS - 1
-        with icsk.Recorder(net, layers=LAYERS, stats=stats, hist_bins=12, path=run_dir / "arms" / arm) as rec:
+        with icsk.Recorder(net, layers=LAYERS, stats=stats, hist_bins=12, quantiles=quantiles,
+                           path=run_dir / "arms" / arm) as rec:
             for t in range(STEPS):
                 if arm in diverge and t > diverge[arm]:
                     break
@@ -251,6 +252,29 @@ def test_ioffe_spread_matches_recorded_quantiles(runs):
     start, end = np.mean(per, axis=0)
     assert sp.loc["bn", "spread_start"] == pytest.approx(start, rel=1e-5)
     assert sp.loc["bn", "spread_end"] == pytest.approx(end, rel=1e-5)
+
+
+def test_ioffe_spread_of_an_arm_that_diverged_at_once_is_nan_not_stable(tmp_path):
+    """One finite step (the arm blew up at step 1): first and last step are the same row, which
+    read as 'spread ratio 1, no median shift', the opposite of what happened."""
+    make_run(tmp_path / "r", diverge={"none": 1})
+    sp = figures.ioffe_spread(collect_runs([tmp_path / "r"]), "block2.pre_act", 1).set_index("arm")
+    assert sp.loc["none", "seeds"] == 0
+    assert sp.loc["none", ["spread_start", "spread_end", "spread_ratio", "median_shift"]].isna().all()
+    assert sp.loc["bn", "seeds"] == 1 and np.isfinite(sp.loc["bn", "spread_ratio"])
+
+
+def test_w1_drift_uses_the_quantile_levels_the_run_recorded(tmp_path):
+    """A run recorded with quantiles=(0.1, 0.5, 0.9): the report's w1 is icsk.metrics.drift's on
+    those levels (it said no run had quantiles, looking for q0.15/q0.85 only)."""
+    make_run(tmp_path / "r", quantiles=(0.1, 0.5, 0.9), hist=False)
+    rs = collect_runs([tmp_path / "r"])
+    d = figures.drift_frame(rs, "w1")
+    st = icsk.load_run(tmp_path / "r", layers=["block2.pre_act"])
+    want = icsk.metrics.drift(st[st.stat.isin(["q0.1", "q0.5", "q0.9"])], "w1")
+    want = want.groupby(["arm", "step"], observed=True)["value"].mean()
+    got = d[d.layer == "block2.pre_act"].set_index(["arm", "step"])["mean"]
+    np.testing.assert_allclose(got.sort_index().to_numpy(), want.sort_index().to_numpy(), rtol=1e-6)
 
 
 def test_hist_density_mass_matches_inside_fraction(runs):

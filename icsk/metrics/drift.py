@@ -164,7 +164,7 @@ def _ref_steps(steps: pd.DataFrame, ids: list[str], ref: str | int) -> pd.Series
             bad = steps.loc[~has, ids].drop_duplicates().head(5).to_dict("records") if ids else []
             raise DriftError(
                 f"reference step {ref} was not recorded" + (f" for {bad}" if bad else "")
-                + f"; recorded steps include {sorted(st.unique())[:10]}"
+                + f"; recorded steps include {[int(v) for v in sorted(st.unique())[:10]]}"
             )
         return pd.Series(float(ref), index=steps.index)
     if ref not in REFS:

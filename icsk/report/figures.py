@@ -239,7 +239,8 @@ def fig_ioffe(runs: RunSet, layer: str | None = None, unit: int | None = None) -
 
 def ioffe_spread(runs: RunSet, layer: str, unit: int) -> pd.DataFrame:
     """Key numbers of the ioffe panels per arm (mean over seeds): 15–85th percentile spread at
-    the first and last recorded step, their ratio, and the median's move."""
+    the first and last recorded step, their ratio, and the median's move. An arm with fewer
+    than two finite steps in every seed (diverged at once) gets NaN and ``seeds`` 0."""
     st = runs.stats(layers=[layer], stats=list(QUANTILES))
     st = st[st["unit"] == unit]
     rows = []
@@ -248,19 +249,28 @@ def ioffe_spread(runs: RunSet, layer: str, unit: int) -> pd.DataFrame:
         for _run, g in st[st["arm"] == arm].groupby("run"):
             w = g.pivot_table(index="step", columns="stat", values="value")
             w = w[np.isfinite(w.to_numpy(dtype=float)).all(axis=1)]  # a blown-up step has no percentiles
-            if len(w) < 1:
+            if len(w) < 2:  # one step: nothing moved yet, which is no evidence of stability
                 continue
             a, b = w.iloc[0], w.iloc[-1]
             per.append((b["q0.85"] - b["q0.15"], a["q0.85"] - a["q0.15"], b["q0.5"] - a["q0.5"]))
-        if not per:
-            continue
-        end, start, shift = np.mean(per, axis=0)
+        end, start, shift = np.mean(per, axis=0) if per else (math.nan,) * 3
         rows.append({"arm": arm, "spread_start": start, "spread_end": end,
                      "spread_ratio": end / start if start else math.nan, "median_shift": shift, "seeds": len(per)})
     return pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------------- 2./3. drift
+def _quantile_stats(names) -> list[str]:
+    """The quantile statistics (``q0.15``, ...) among ``names``, by level."""
+    levels = {}
+    for n in names:
+        try:
+            levels[n] = float(n[1:]) if n.startswith("q") else None
+        except ValueError:
+            continue
+    return sorted((n for n, v in levels.items() if v is not None), key=levels.get)
+
+
 def drift_frame(runs: RunSet, measure: str = "w2", ref: str | int = "previous") -> pd.DataFrame:
     """Per-layer drift (icsk.metrics.drift.layer_drift, mean over units) of every run and arm:
     ``arm, layer, step, measure, mean, median, run, seed, ...``."""
@@ -270,10 +280,12 @@ def drift_frame(runs: RunSet, measure: str = "w2", ref: str | int = "previous") 
         raise MissingDataError(f"drift figures need icsk.metrics.drift ({e})") from None
     if measure not in MEASURES:
         raise MissingDataError(f"unknown drift measure {measure!r}; choose from {list(MEASURES)}")
-    need = list(QUANTILES) if measure == "w1" else ["mean", "var"]
-    layers = runs.layers_with(*need)
+    # w1 takes whichever quantile levels a layer was recorded with
+    need = ({layer: _quantile_stats(have) for layer, have in runs.recorded().items()} if measure == "w1"
+            else {layer: ["mean", "var"] for layer in runs.layers_with("mean", "var")})
+    layers = [layer for layer in runs.layers_with() if need.get(layer)]
     if not layers:
-        what = "quantiles (q0.15, q0.5, q0.85)" if measure == "w1" else "mean and var"
+        what = "quantiles (e.g. q0.15, q0.5, q0.85)" if measure == "w1" else "mean and var"
         raise MissingDataError(
             f"drift measure {measure!r} needs the statistics {what} of recorded layers, but no run has them; "
             "record them with Recorder(..., stats=[...]) — in training configs recorder.enabled=true and "
@@ -283,7 +295,7 @@ def drift_frame(runs: RunSet, measure: str = "w2", ref: str | int = "previous") 
     for r in runs:
         parts = []
         for layer in layers:  # one layer at a time keeps memory bounded on big networks
-            st = r.stats(layers=[layer], stats=need, mode=runs.mode)
+            st = r.stats(layers=[layer], stats=need[layer], mode=runs.mode)
             if st.empty:
                 continue
             try:
