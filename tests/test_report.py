@@ -488,6 +488,21 @@ def test_build_report_every_figure(sweep_dir, tmp_path, capsys):
     assert "Traceback" not in err
 
 
+def test_key_number_tables_keep_an_arm_that_diverged_at_once(tmp_path):
+    """An arm without numbers because it blew up at step 1 keeps a row of dashes in the drift and
+    spread tables of summary.md (it vanished from them, while the other arms stood there alone)."""
+    from icsk.report.style import arm_label
+
+    make_run(tmp_path / "r", diverge={"none": 1})
+    build_report([tmp_path / "r"], out=tmp_path / "o", figures=["ioffe", "drift_curves"], formats=("png",))
+    summary = (tmp_path / "o" / "tiny" / "summary.md").read_text()
+    for title in ("### Drift", "### Percentile spread"):
+        table = summary[summary.index(title):].split("\n\n")[1]
+        rows = {line.split(" | ")[0].strip("| ") for line in table.splitlines()[2:]}
+        assert rows == {arm_label("bn"), arm_label("none")}, table
+        assert re.search(rf"^\| {re.escape(arm_label('none'))} \| – \| – \|", table, re.M), table
+
+
 def test_missing_data_messages(tmp_path, capsys):
     run = make_run(tmp_path / "bare", hist=False, extra_metrics=False, arms=("none",))
     code = main([str(run), "--out", str(tmp_path / "o"), "--figures", "ioffe,ics,smoothness,hist_evolution,sweep",

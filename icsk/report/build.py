@@ -258,6 +258,10 @@ def _key_numbers(kind: str, rs: RunSet, fig: Figure, label: str, extra: dict[str
     def add(title: str, df: pd.DataFrame) -> None:
         if df.empty:
             return
+        div = rs.divergence()
+        gone = [a for a in div.loc[div["status"] == "diverged", "arm"].unique() if a not in set(df["arm"])]
+        if gone:  # a diverged arm without numbers keeps its row ("–"), not silently left out
+            df = pd.concat([df, pd.DataFrame({"arm": gone})], ignore_index=True)
         df = sort_arms(df)
         df["arm"] = df["arm"].map(arm_label)
         df = _with_setting(df, label)
