@@ -80,7 +80,7 @@ def quantile_w1(q_p: Any, q_q: Any, axis: int = -1) -> Any:
 
 
 # ---------------------------------------------------------------------- frame plumbing
-def _quantile_stats(present: set[str]) -> dict[float, str]:
+def quantile_stats(present: set[str]) -> dict[float, str]:
     """Quantile statistics among ``present`` names: {level: name}, sorted by level."""
     out: dict[float, str] = {}
     for n in present:
@@ -98,7 +98,7 @@ def _needed_stats(frame: pd.DataFrame, measure: str, levels: Sequence[float] | N
         raise DriftError(f"unknown drift measure {measure!r}; choose from {list(MEASURES)}")
     present = {str(v) for v in pd.unique(frame["stat"])}
     if measure == "w1":
-        qs = _quantile_stats(present)
+        qs = quantile_stats(present)
         if levels is not None:
             want = {float(q): f"q{float(q):g}" for q in levels}
             missing = [n for n in want.values() if n not in present]

@@ -260,29 +260,20 @@ def ioffe_spread(runs: RunSet, layer: str, unit: int) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------- 2./3. drift
-def _quantile_stats(names) -> list[str]:
-    """The quantile statistics (``q0.15``, ...) among ``names``, by level."""
-    levels = {}
-    for n in names:
-        try:
-            levels[n] = float(n[1:]) if n.startswith("q") else None
-        except ValueError:
-            continue
-    return sorted((n for n, v in levels.items() if v is not None), key=levels.get)
-
-
 def drift_frame(runs: RunSet, measure: str = "w2", ref: str | int = "previous") -> pd.DataFrame:
     """Per-layer drift (icsk.metrics.drift.layer_drift, mean over units) of every run and arm:
     ``arm, layer, step, measure, mean, median, run, seed, ...``."""
     try:
-        from ..metrics.drift import MEASURES, DriftError, layer_drift
+        from ..metrics.drift import MEASURES, DriftError, layer_drift, quantile_stats
     except ImportError as e:  # pragma: no cover - the module ships with icsk
         raise MissingDataError(f"drift figures need icsk.metrics.drift ({e})") from None
     if measure not in MEASURES:
         raise MissingDataError(f"unknown drift measure {measure!r}; choose from {list(MEASURES)}")
     # w1 takes whichever quantile levels a layer was recorded with
-    need = ({layer: _quantile_stats(have) for layer, have in runs.recorded().items()} if measure == "w1"
-            else {layer: ["mean", "var"] for layer in runs.layers_with("mean", "var")})
+    if measure == "w1":
+        need = {layer: list(quantile_stats(have).values()) for layer, have in runs.recorded().items()}
+    else:
+        need = {layer: ["mean", "var"] for layer in runs.layers_with("mean", "var")}
     layers = [layer for layer in runs.layers_with() if need.get(layer)]
     if not layers:
         what = "quantiles (e.g. q0.15, q0.5, q0.85)" if measure == "w1" else "mean and var"
