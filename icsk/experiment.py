@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import difflib
 import logging
+import math
 import os
 import random
 import re
@@ -63,6 +64,8 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ConfigError(f"device={name!r} but this machine has {torch.cuda.device_count()} GPU(s); use "
                           f"device=cuda (the first) or cuda:N with N < {torch.cuda.device_count()}")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise ConfigError(f"device={name!r} but MPS (Apple's GPU) is not available here; use device=auto or device=cpu")
     return dev
 
 
@@ -168,11 +171,17 @@ def build_optimizer(ocfg: DictConfig, params) -> torch.optim.Optimizer:
     if not lr > 0:
         raise ConfigError(f"optim.lr must be > 0, got {lr}")
     wd = float(ocfg.get("weight_decay", 0.0))
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=float(ocfg.get("momentum", 0.0)),
-                               nesterov=bool(ocfg.get("nesterov", False)), weight_decay=wd)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=tuple(ocfg.get("betas", (0.9, 0.999))), weight_decay=wd)
+    try:  # torch's own checks of the values (nesterov without momentum, betas of the wrong length, ...)
+        if name == "sgd":
+            return torch.optim.SGD(params, lr=lr, momentum=float(ocfg.get("momentum", 0.0)),
+                                   nesterov=bool(ocfg.get("nesterov", False)), weight_decay=wd)
+        if name == "adam":
+            betas = tuple(float(b) for b in ocfg.get("betas", (0.9, 0.999)))
+            if len(betas) != 2:
+                raise ValueError(f"optim.betas must hold two values, got {list(betas)}")
+            return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=wd)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"optim={name}: {e}") from None
     raise ConfigError(f"unknown optim.name {name!r}; valid: sgd, adam")
 
 
@@ -186,7 +195,8 @@ def build_scheduler(ocfg: DictConfig, opt: torch.optim.Optimizer, steps: int):
         if kind == "constant":
             return w
         if kind == "cosine":
-            return w * 0.5 * (1 + np.cos(np.pi * min(step, steps) / max(1, steps)))
+            # math, not numpy: a numpy scalar lr reached the checkpoint, which torch.load(weights_only) refuses
+            return w * 0.5 * (1 + math.cos(math.pi * min(step, steps) / max(1, steps)))
         if kind == "step":
             return w * (0.1 ** ((step >= steps // 2) + (step >= 3 * steps // 4)))
         raise ConfigError(f"unknown optim.schedule {kind!r}; valid: constant, cosine, step")
@@ -364,8 +374,9 @@ def _requeued(status_path: Path) -> bool:
 
 
 def _check_intervals(tcfg: DictConfig) -> None:
-    """``train.steps`` >= 0, ``log_every`` >= 1, ``eval_every`` and ``checkpoint_every`` >= 0 (0 = off)."""
-    for key, low in {"steps": 0, "log_every": 1, "eval_every": 0, "checkpoint_every": 0}.items():
+    """``train.steps`` >= 0, ``log_every`` and ``eval_batch_size`` >= 1, ``eval_every`` and ``checkpoint_every`` >= 0
+    (0 = off)."""
+    for key, low in {"steps": 0, "log_every": 1, "eval_every": 0, "checkpoint_every": 0, "eval_batch_size": 1}.items():
         value = tcfg.get(key, low)
         if value is None or int(value) < low:
             off = " (0 turns it off)" if key in ("eval_every", "checkpoint_every") else ""
@@ -467,9 +478,11 @@ def _probe_plan(cfg: DictConfig, bundle: DataBundle, models: dict[str, nn.Module
     batch need 2 or more samples, in training batches and in the probe batch (it runs in
     training mode)."""
     batch_norms = sorted(a for a in models if uses_batch_statistics(a))
-    if cfg.data.batch_size is not None and int(cfg.data.batch_size) < 2 and batch_norms:
-        raise ConfigError(f"arms {batch_norms} normalize over the batch and cannot train with data.batch_size="
-                          f"{cfg.data.batch_size}; use data.batch_size>=2 or drop those arms (model.arms=[none,ln])")
+    n_train = len(bundle.train)  # a batch never holds more (a larger batch_size means the full batch)
+    if batch_norms and (n_train < 2 or (cfg.data.batch_size is not None and int(cfg.data.batch_size) < 2)):
+        why = f"data.batch_size={cfg.data.batch_size}" if n_train >= 2 else f"{n_train} training example(s)"
+        raise ConfigError(f"arms {batch_norms} normalize over the batch and cannot train with {why}; use "
+                          "data.batch_size>=2 and 2 or more training examples, or drop those arms (model.arms=[none,ln])")
     at = cfg.recorder.get("probe_schedule") if cfg.recorder.get("enabled", True) else None
     if at is None:
         return None, None
@@ -534,7 +547,10 @@ def _run_held(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> di
         rec = build_recorder(cfg.recorder, model, run_dir / "arms" / name)  # writes nothing yet
         arms.append(Arm(name, model, opt, build_scheduler(cfg.optim, opt, steps), rec))
     first = next(iter(models.values()))
-    stream = BatchStream(bundle.train, cfg.data.batch_size, seed=int(cfg.seed), device=device)
+    try:
+        stream = BatchStream(bundle.train, cfg.data.batch_size, seed=int(cfg.seed), device=device)
+    except ValueError as e:
+        raise ConfigError(f"data.{e}") from None
 
     def probe_loss(model: nn.Module, batch) -> torch.Tensor:
         return criterion(model(batch[0]), batch[1])
@@ -565,23 +581,23 @@ def _run_held(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> di
     eval_bs = int(cfg.train.get("eval_batch_size", 1000))
     progress = tqdm(total=steps, desc=f"{info['name']} [{','.join(models)}]", unit="step", mininterval=1.0,
                     disable=not bool(cfg.train.get("progress", True)), dynamic_ncols=True)
-    trainer = Trainer(
-        arms, stream, criterion, run_dir=run_dir, steps=steps, device=device,
-        probe_batch=probe,
-        probe_schedule=probe_at,
-        evaluate=make_evaluator(bundle, criterion, device, eval_bs), eval_every=int(cfg.train.eval_every),
-        log_every=int(cfg.train.log_every), checkpoint_every=int(cfg.train.get("checkpoint_every", 0)),
-        probes=probes, accuracy=bundle.task == "classification", on_log=logger.log, progress=progress,
-    )
-    if resume and trainer.checkpointer.exists():
-        start = trainer.load_checkpoint()
-        progress.update(start)
-        log.info("resumed %s at step %d", run_dir, start)
-    elif trainer.step == 0 and trainer.evaluate is not None and trainer.eval_every:
-        trainer.run_eval()  # accuracy at initialization, so curves start at step 0
     exit_code = 0
-    try:
+    try:  # from the first step that can fail, so run.json never stays "running" after a failure
+        trainer = Trainer(
+            arms, stream, criterion, run_dir=run_dir, steps=steps, device=device,
+            probe_batch=probe,
+            probe_schedule=probe_at,
+            evaluate=make_evaluator(bundle, criterion, device, eval_bs), eval_every=int(cfg.train.eval_every),
+            log_every=int(cfg.train.log_every), checkpoint_every=int(cfg.train.get("checkpoint_every", 0)),
+            probes=probes, accuracy=bundle.task == "classification", on_log=logger.log, progress=progress,
+        )
         with graceful_signals():
+            if resume and trainer.checkpointer.exists():
+                start = trainer.load_checkpoint()
+                progress.update(start)
+                log.info("resumed %s at step %d", run_dir, start)
+            elif trainer.step == 0 and trainer.evaluate is not None and trainer.eval_every:
+                trainer.run_eval()  # accuracy at initialization, so curves start at step 0
             trainer.run()
         info["status"] = "finished"
     except (KeyboardInterrupt, SystemExit):  # SystemExit: e.g. submitit's exit when SLURM pre-empts or requeues

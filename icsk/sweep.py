@@ -165,6 +165,8 @@ def job_row(folder: Path | None, job: int, overrides: list[str], sweep_dir: Path
             row["error"] = hydra_status.get("error", "")
         return row
     status = str(info.get("status", "missing"))
+    if status == "running" and hydra_status.get("status") == "failed":  # (a job killed before run.json said so)
+        status = "failed"
     arms: dict[str, Any] = info.get("arms") or {}
     if status == "finished" and any((a or {}).get("status") == "diverged" for a in arms.values()):
         status = "diverged"

@@ -254,6 +254,14 @@ def test_bad_recorder_model_and_data_values_are_config_errors(tmp_path):
     assert refused(tmp_path, "model.activation=sigmod").startswith("model=mlp: unknown activation 'sigmod'")
     msg = refused(tmp_path, "data=mnist", f"data.root={tmp_path / 'nodata'}")
     assert msg.startswith("mnist: files") and "data.download=true" in msg
+    assert refused(tmp_path, "optim.nesterov=true").startswith("optim=sgd: Nesterov momentum requires a momentum")
+    assert refused(tmp_path, "optim=adam", "optim.betas=[0.9]") == "optim=adam: optim.betas must hold two values, got [0.9]"
+    assert refused(tmp_path, "train.eval_batch_size=0") == "train.eval_batch_size must be an integer >= 1, got 0"
+    assert refused(tmp_path, "model.arms=[none]", "data.batch_size=0").startswith("data.batch_size must be >= 1 or None (full batch), got 0")
+    msg = refused(tmp_path, "model=dln", "data=gaussian", "model.arms=[bn]", "data.options.n_train=1")
+    assert msg.startswith("arms ['bn'] normalize over the batch and cannot train with 1 training example(s)")
+    if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        assert refused(tmp_path, "device=mps").startswith("device='mps' but MPS (Apple's GPU) is not available")
 
 
 def test_valid_options_still_reach_the_model_and_the_data(tmp_path):

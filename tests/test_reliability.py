@@ -166,6 +166,53 @@ def test_a_slurm_time_out_closes_the_run_as_interrupted(tmp_path, monkeypatch):
     assert info["arms"]["bn"]["last_step"] == 5
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "step"])
+def test_a_scheduled_run_resumes_from_its_checkpoint_bit_identically(tmp_path, monkeypatch, schedule):
+    """The cosine factor was a numpy scalar: it reached the checkpoint as the lr, and
+    torch.load(weights_only=True) refused it, so such runs could not resume."""
+    import icsk.experiment as experiment
+
+    opts = [f"optim.schedule={schedule}", "optim.warmup_steps=3", "train.checkpoint_every=10", "train.eval_every=5"]
+    job(tmp_path / "full", *opts, steps=20)
+    real_run = experiment.Trainer.run
+
+    def run_then_stop(self, *a, **k):
+        self.steps = 14
+        real_run(self, *a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment.Trainer, "run", run_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        job(tmp_path / "cut", *opts, steps=20)
+    monkeypatch.setattr(experiment.Trainer, "run", real_run)
+    job(tmp_path / "cut", *opts, "resume=true", steps=20)
+    assert json.loads((tmp_path / "cut" / "run.json").read_text())["status"] == "finished"
+    for fa, fb in zip(frames(tmp_path / "full"), frames(tmp_path / "cut"), strict=True):
+        pd.testing.assert_frame_equal(fa, fb, check_exact=True)
+
+
+@pytest.mark.parametrize("where", ["run_eval", "load_checkpoint"])
+def test_a_failure_before_the_first_step_closes_the_run_as_failed(tmp_path, monkeypatch, where):
+    """The first evaluation (or a resume's checkpoint load) ran after run.json said "running" but
+    outside the block that closes it: a failure there left it "running", with no error."""
+    import icsk.experiment as experiment
+
+    if where == "load_checkpoint":
+        job(tmp_path, "train.checkpoint_every=5", steps=10)
+        info = json.loads((tmp_path / "run.json").read_text())
+        (tmp_path / "run.json").write_text(json.dumps({**info, "status": "interrupted"}))
+
+    def fail(self, *a, **k):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(experiment.Trainer, where, fail)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        job(tmp_path, *(["resume=true", "train.checkpoint_every=5"] if where == "load_checkpoint" else []), steps=10)
+    info = json.loads((tmp_path / "run.json").read_text())
+    assert info["status"] == "failed" and info["error"] == "RuntimeError: disk on fire"
+    assert set(info["arms"]) == {"bn", "none"}
+
+
 def test_a_requeue_exit_closes_the_run_as_interrupted(tmp_path, monkeypatch):
     """submitit calls sys.exit(-1) when SLURM pre-empts or requeues the job: the run is closed as
     interrupted (resumable), not left 'running'."""

@@ -275,3 +275,18 @@ def test_callback_writes_at_exit_when_the_sweep_raised(tmp_path):
     (sweep / "sweep_summary.csv").unlink()
     cb.on_multirun_end(OmegaConf.create({}))  # written once only
     assert not (sweep / "sweep_summary.csv").exists()
+
+
+def test_a_job_that_died_while_running_is_summarized_as_failed(tmp_path):
+    """run.json still says "running" (the process died before it could say more) while Hydra's
+    job_status.json recorded the failure: the row says failed, with Hydra's error."""
+    from icsk.sweep import job_row
+
+    job = tmp_path / "0"
+    job.mkdir()
+    (job / "run.json").write_text(json.dumps({"status": "running", "arms": {}}))
+    (job / JOB_STATUS).write_text(json.dumps({"status": "failed", "error": "ValueError: boom"}))
+    row = job_row(job, 0, ["seed=0"], tmp_path)
+    assert (row["status"], row["error"]) == ("failed", "ValueError: boom")
+    (job / JOB_STATUS).write_text(json.dumps({"status": "running"}))  # still running for all anyone knows
+    assert job_row(job, 0, ["seed=0"], tmp_path)["status"] == "running"
