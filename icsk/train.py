@@ -2,9 +2,9 @@
 
 Each arm (a model with its optimizer, scheduler and Recorder) takes one step per batch.
 Online probes (gradient ICS, loss smoothness, BN train/eval gap) run at their own schedules
-at w_t, before the arm's step, with the Recorder paused. An arm whose loss or activations turn
+at w_t, before the arm's step, with the Recorder paused. An arm whose training loss turns
 non-finite is marked ``diverged`` at that step and stops (on a GPU at the next loss transfer, every
-``log_every`` steps, which avoids a host sync per step); the others go on. Checkpoints hold
+``log_every`` steps or at an evaluation, which avoids a host sync per step); the others go on. Checkpoints hold
 everything needed to continue bit-exactly on the CPU (models, optimizers, schedulers, data
 position, RNG states, and how many chunks each table had), so a resumed run has no duplicate
 and no gap in its recorded steps.
@@ -149,7 +149,6 @@ class Trainer:
         accuracy: bool = True,
         on_log: Callable[[int, str, dict[str, float]], None] | None = None,
         progress: Any = None,
-        stop_on_divergence: bool = True,
         probe_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
         probe_schedule: Schedule | None = None,
     ):
@@ -167,7 +166,6 @@ class Trainer:
         self.accuracy = accuracy
         self.on_log = on_log
         self.progress = progress
-        self.stop_on_divergence = stop_on_divergence
         if (probe_batch is None) != (probe_schedule is None):
             raise ValueError("probe_batch and probe_schedule go together")
         self.probe_batch = None if probe_batch is None else tuple(t.to(device) for t in probe_batch)
@@ -194,7 +192,11 @@ class Trainer:
                     "scheduler": a.scheduler.state_dict() if a.scheduler is not None else None,
                     "status": a.status,
                     "diverged_step": -1 if a.diverged_step is None else a.diverged_step,
+                    "reason": a.reason,
                     "last_step": a.last_step,
+                    # the loss window still filling: logged at its own step after a resume too
+                    "window": {"losses": [t.cpu() for t in a._losses], "accs": [t.cpu() for t in a._accs],
+                               "lrs": list(a._lrs)},
                     "recorder_edges": _edges_of(a.recorder),
                 }
                 for a in self.arms
@@ -211,8 +213,10 @@ class Trainer:
         return {str(d.relative_to(self.run_dir)): len(chunk_files(d)) for d in self._chunk_dirs()}
 
     def save_checkpoint(self) -> None:
-        """Flush every table (so a chunk boundary sits at this step) and save the state."""
-        self.flush()
+        """Write every table (so a chunk boundary sits at this step) and save the state. The loss
+        window still filling goes into the checkpoint, not into the metrics: checkpoints do not
+        change which steps the training loss is logged at."""
+        self._flush_tables()
         self.checkpointer.save(self.state_dict())
 
     def load_checkpoint(self) -> int:
@@ -229,7 +233,12 @@ class Trainer:
                 a.scheduler.load_state_dict(s["scheduler"])
             a.status = s["status"]
             a.diverged_step = None if s["diverged_step"] < 0 else int(s["diverged_step"])
+            a.reason = s.get("reason", "")
             a.last_step = int(s["last_step"])
+            window = s.get("window") or {}  # (absent in checkpoints of older versions, which flushed it)
+            a._losses = [t.to(self.device) for t in window.get("losses", [])]
+            a._accs = [t.to(self.device) for t in window.get("accs", [])]
+            a._lrs = list(window.get("lrs", []))
             if a.recorder is not None:
                 a.recorder.current_step = int(st["step"])
                 a.recorder.restore_edges(_parse_edges(s["recorder_edges"]))
@@ -240,11 +249,14 @@ class Trainer:
         return self.step
 
     def flush(self) -> None:
-        """Write everything buffered (recorders and metrics) to the run folder and wait for it."""
+        """Write everything buffered (recorders, losses and metrics) to the run folder and wait for it."""
+        self._log_losses()
+        self._flush_tables()
+
+    def _flush_tables(self) -> None:
         for a in self.arms:
             if a.recorder is not None:
                 a.recorder.flush(wait=True)
-        self._log_losses()
         self.metrics.flush()
 
     # ------------------------------------------------------------------ loop
@@ -386,6 +398,9 @@ class Trainer:
         """Test loss/accuracy of every arm that still trains (eval mode; nothing recorded)."""
         if self.evaluate is None:
             return
+        for a in self.arms:  # on accelerators a loss not yet checked may be NaN: no test of a diverged model
+            if a.active and a._losses and not bool(torch.isfinite(torch.stack(a._losses)).all()):
+                self._flush_losses(a)
         for a in self.arms:
             if a.status == "diverged":
                 continue

@@ -166,14 +166,18 @@ def test_a_slurm_time_out_closes_the_run_as_interrupted(tmp_path, monkeypatch):
     assert info["arms"]["bn"]["last_step"] == 5
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "step"])
-def test_a_scheduled_run_resumes_from_its_checkpoint_bit_identically(tmp_path, monkeypatch, schedule):
-    """The cosine factor was a numpy scalar: it reached the checkpoint as the lr, and
-    torch.load(weights_only=True) refused it, so such runs could not resume."""
+@pytest.mark.parametrize("case", ["cosine", "step", "diverging"])
+def test_a_run_resumes_from_its_checkpoint_bit_identically(tmp_path, monkeypatch, case):
+    """Cut at step 14 (checkpoint at 12) and resumed, a run equals the uninterrupted one: the cosine
+    factor was a numpy scalar that torch.load(weights_only=True) refused; a checkpoint between
+    two loss logs (log_every 7) logged the partial window there; the reason of a divergence (at
+    step 11 in the diverging case) was lost."""
     import icsk.experiment as experiment
 
-    opts = [f"optim.schedule={schedule}", "optim.warmup_steps=3", "train.checkpoint_every=10", "train.eval_every=5"]
+    opts = ["train.checkpoint_every=6", "train.eval_every=5", "train.log_every=7", "optim.warmup_steps=3"]
+    opts += ["model.activation=relu", "optim.lr=5"] if case == "diverging" else [f"optim.schedule={case}"]
     job(tmp_path / "full", *opts, steps=20)
+    job(tmp_path / "plain", *opts[1:], steps=20)  # no checkpoints: the same rows
     real_run = experiment.Trainer.run
 
     def run_then_stop(self, *a, **k):
@@ -186,9 +190,16 @@ def test_a_scheduled_run_resumes_from_its_checkpoint_bit_identically(tmp_path, m
         job(tmp_path / "cut", *opts, steps=20)
     monkeypatch.setattr(experiment.Trainer, "run", real_run)
     job(tmp_path / "cut", *opts, "resume=true", steps=20)
-    assert json.loads((tmp_path / "cut" / "run.json").read_text())["status"] == "finished"
-    for fa, fb in zip(frames(tmp_path / "full"), frames(tmp_path / "cut"), strict=True):
-        pd.testing.assert_frame_equal(fa, fb, check_exact=True)
+    for run_dir in ("plain", "cut"):
+        for fa, fb in zip(frames(tmp_path / "full"), frames(tmp_path / run_dir), strict=True):
+            pd.testing.assert_frame_equal(fa, fb, check_exact=True)
+    m = frames(tmp_path / "full")[1]
+    assert sorted(m[(m.metric == "loss") & (m.arm == "bn")].step) == [6, 13, 19]
+    infos = [json.loads((tmp_path / d / "run.json").read_text()) for d in ("full", "cut")]
+    assert infos[0]["status"] == infos[1]["status"] == "finished"
+    assert infos[0]["arms"] == infos[1]["arms"]
+    if case == "diverging":
+        assert infos[1]["arms"]["none"]["status"] == "diverged" and "non-finite" in infos[1]["arms"]["none"]["reason"]
 
 
 @pytest.mark.parametrize("where", ["run_eval", "load_checkpoint"])
