@@ -31,6 +31,16 @@ def group_keys(group: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(k for node in nodes for k in node if k != "defaults"))
 
 
+@functools.cache
+def option_keys(group: str, name: str) -> tuple[str, ...]:
+    """The keys that the option of ``group`` named ``name`` sets (the ``conf/<group>/*.yaml`` whose
+    ``name`` is ``name``); every key of the group where no file has that name."""
+    nodes = [node for f in sorted((CONF_DIR / group).glob("*.yaml")) if (node := OmegaConf.load(f)).get("name") == name]
+    if not nodes:
+        return group_keys(group)
+    return tuple(dict.fromkeys(k for node in nodes for k in node if k != "defaults"))
+
+
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     """A nested config dict as ``{"optim.lr": 0.1, ...}``; lists become tuples (hashable)."""
     out: dict[str, Any] = {}

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import metrics as M
-from .config import flatten, group_keys
+from .config import flatten, group_keys, option_keys
 from .data import BatchStream, DataBundle, DatasetNotFoundError, dataset_options, get_dataset, probe_batch
 from .hooks import Recorder, RecorderError
 from .log import hydra_job_info, make_logger, run_identity
@@ -106,14 +106,15 @@ def _check_options(key: str, given: dict[str, Any], valid: Sequence[str], owner:
 
 
 def check_group_keys(cfg: DictConfig) -> None:
-    """Refuse keys of model, data, optim, train and recorder that no config in conf/ sets (Hydra
-    lets ``+optim.momentun=0.9`` add one, which nothing would read). The recorder's are the
-    Recorder options the job passes on and the probe batch's schedule: no ``modes`` or
-    ``channel_dim`` (the job records training forwards only, and its models' units are on dim 1)."""
+    """Refuse keys of model, data, optim, train and recorder that the chosen config in conf/ does
+    not set (Hydra lets ``+optim.momentun=0.9`` add one, and ``+optim.momentum=0.9`` to Adam, which
+    nothing would read). The recorder's are the Recorder options the job passes on and the probe
+    batch's schedule: no ``modes`` or ``channel_dim`` (the job records training forwards only, and
+    its models' units are on dim 1)."""
     owners = {"model": f"model={cfg.model.name}", "data": f"data={cfg.data.name}", "optim": f"optim={cfg.optim.name}",
               "train": "the training loop", "recorder": "the Recorder"}
     for group, owner in owners.items():
-        known = group_keys(group)
+        known = option_keys(group, str(cfg[group].name)) if group in ("model", "data", "optim") else group_keys(group)
         if known:
             _check_options(group, {k: None for k in cfg[group]}, known, owner)
 

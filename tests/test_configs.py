@@ -243,6 +243,10 @@ def test_a_key_added_that_no_config_sets_is_refused(tmp_path):
                                                           "train.steps?)")
     assert refused(tmp_path, "+model.dept=5").startswith("unknown model.dept for model=mlp (did you mean model.depth?)")
     assert refused(tmp_path, "+data.batchsize=5").startswith("unknown data.batchsize for data=mnist5k")
+    # a key of another option of the group reaches no code either (Adam has no momentum, VGG no depth)
+    assert refused(tmp_path, "optim=adam", "+optim.momentum=0.9").startswith("unknown optim.momentum for optim=adam")
+    assert refused(tmp_path, "model=cnn", "+model.depth=9").startswith("unknown model.depth for model=vgg")
+    assert refused(tmp_path, "model=mlp", "+model.variant=vgg11").startswith("unknown model.variant for model=mlp")
 
 
 def test_bad_recorder_model_and_data_values_are_config_errors(tmp_path):
