@@ -41,6 +41,18 @@ def option_keys(group: str, name: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(k for node in nodes for k in node if k != "defaults"))
 
 
+@functools.cache
+def metric_keys() -> dict[str, tuple[str, ...]]:
+    """Each online probe of conf/metrics/ with the keys any of its configs sets (``ics``: enabled,
+    schedule, layers, ...)."""
+    out: dict[str, dict[str, None]] = {}
+    for f in sorted((CONF_DIR / "metrics").glob("*.yaml")):
+        for probe, node in OmegaConf.load(f).items():
+            if probe != "defaults":
+                out.setdefault(probe, {}).update(dict.fromkeys(node or {}))
+    return {probe: tuple(keys) for probe, keys in out.items()}
+
+
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     """A nested config dict as ``{"optim.lr": 0.1, ...}``; lists become tuples (hashable)."""
     out: dict[str, Any] = {}

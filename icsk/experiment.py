@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import metrics as M
-from .config import flatten, group_keys, option_keys
+from .config import flatten, group_keys, metric_keys, option_keys
 from .data import BatchStream, DataBundle, DatasetNotFoundError, dataset_options, get_dataset, probe_batch
 from .hooks import Recorder, RecorderError
 from .log import hydra_job_info, make_logger, run_identity
@@ -117,6 +117,12 @@ def check_group_keys(cfg: DictConfig) -> None:
         known = option_keys(group, str(cfg[group].name)) if group in ("model", "data", "optim") else group_keys(group)
         if known:
             _check_options(group, {k: None for k in cfg[group]}, known, owner)
+    probes = metric_keys()
+    if cfg.get("metrics") and probes:  # metrics.<probe>.<key> (+metrics.ics.shedule=5 was ignored)
+        _check_options("metrics", {k: None for k in cfg.metrics}, list(probes), "the online metrics")
+        for probe, node in cfg.metrics.items():
+            if OmegaConf.is_dict(node):
+                _check_options(f"metrics.{probe}", {k: None for k in node}, probes[probe], f"the {probe} probe")
 
 
 def load_data(cfg: DictConfig) -> DataBundle:

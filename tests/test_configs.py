@@ -247,6 +247,9 @@ def test_a_key_added_that_no_config_sets_is_refused(tmp_path):
     assert refused(tmp_path, "optim=adam", "+optim.momentum=0.9").startswith("unknown optim.momentum for optim=adam")
     assert refused(tmp_path, "model=cnn", "+model.depth=9").startswith("unknown model.depth for model=vgg")
     assert refused(tmp_path, "model=mlp", "+model.variant=vgg11").startswith("unknown model.variant for model=mlp")
+    assert refused(tmp_path, "metrics=santurkar", "+metrics.ics.shedule=5").startswith(
+        "unknown metrics.ics.shedule for the ics probe (did you mean metrics.ics.schedule?)")
+    assert refused(tmp_path, "+metrics.icss={enabled: true}").startswith("unknown metrics.icss for the online metrics")
 
 
 def test_bad_recorder_model_and_data_values_are_config_errors(tmp_path):
