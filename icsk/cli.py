@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
+import time
 from pathlib import Path
 
+_PROCESS_START = time.time() - 1.0  # (file times may round down)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
@@ -18,6 +21,7 @@ def _hydra_main(cfg) -> None:
     overrides = list(hc.overrides.task)
     if cfg.get("resume") and hc.mode != RunMode.MULTIRUN and not (Path(hc.runtime.output_dir) / "run.json").exists():
         # (a sweep job that never started may have no folder yet: relaunched with resume=true, it starts)
+        _remove_if_stub(Path(hc.runtime.output_dir))
         sys.exit(f"icsk-train: resume=true, but {hc.runtime.output_dir} holds no run to continue (no run.json); pass "
                  "the run's folder as hydra.run.dir=<run>, or drop resume=true to start a new run")
     try:
@@ -26,11 +30,24 @@ def _hydra_main(cfg) -> None:
         if hc.mode == RunMode.MULTIRUN:  # the sweep records the job and goes on (or stops, on Ctrl-C)
             raise
         if isinstance(e, ConfigError):
+            _remove_if_stub(Path(hc.runtime.output_dir))
             sys.exit(f"icsk-train: {e}")  # a one-line error, not Hydra's traceback
         print(f"icsk-train: interrupted: {hc.runtime.output_dir}; continue it with: "
               f"{resume_command(overrides, hc.runtime.output_dir)}", file=sys.stderr, flush=True)
         sys.exit(130)
     print(run_line(info, hc.runtime.output_dir), flush=True)
+
+
+def _remove_if_stub(run_dir: Path) -> None:
+    """Remove the folder Hydra made for a launch that was refused (only its .hydra/ and log file
+    inside, both from this process), so it does not sit among real runs (icsk-report runs/*)."""
+    try:
+        started = _PROCESS_START
+        if set(p.name for p in run_dir.iterdir()) <= {".hydra", "icsk.log"} and \
+                (run_dir / ".hydra").stat().st_mtime >= started:
+            shutil.rmtree(run_dir)
+    except OSError:
+        pass
 
 
 def run_line(info: dict, run_dir: str | Path) -> str:
@@ -54,7 +71,17 @@ def train_main() -> None:
                             category=UserWarning)
     if not (CONF_DIR / "config.yaml").exists():
         sys.exit(f"icsk-train: no Hydra configs at {CONF_DIR}; run it from an icsk checkout (pip install -e .)")
-    hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(_hydra_main)()
+    try:
+        hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(_hydra_main)()
+    except KeyboardInterrupt:  # a sweep's (a single run prints its own line and exits 130 before this)
+        from . import sweep
+        from .experiment import sweep_resume_command
+
+        if sweep.active_sweep_dir is None:
+            raise
+        print(f"icsk-train: sweep interrupted: {sweep.active_sweep_dir}; continue it with: "
+              f"{sweep_resume_command(sys.argv[1:], sweep.active_sweep_dir)}", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 def report_main(argv: list[str] | None = None) -> None:

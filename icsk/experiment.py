@@ -400,9 +400,19 @@ RESUME_MAY_CHANGE = ("resume", "device", "train.progress", "logger", "data.root"
 
 def resume_command(first: Sequence[str], run_dir: str | Path) -> str:
     """The shell command that continues the run in ``run_dir``, first launched with ``first``."""
-    words = [*(o for o in first if not o.startswith(("resume=", "+resume="))), "resume=true",
-             f"hydra.run.dir={_hydra_quoted(str(run_dir))}"]
-    return f"{_program()} {' '.join(_shell_word(w) for w in words)}"
+    return _continue_command(first, "hydra.run.dir", run_dir)
+
+
+def sweep_resume_command(argv: Sequence[str], sweep_dir: str | Path) -> str:
+    """The shell command that finishes the sweep in ``sweep_dir``, launched with ``argv`` (``-m ...``):
+    its finished jobs are left alone, the others continue or start."""
+    return _continue_command(argv, "hydra.sweep.dir", sweep_dir)
+
+
+def _continue_command(words: Sequence[str], dir_key: str, folder: str | Path) -> str:
+    kept = [w for w in words if not w.startswith(("resume=", "+resume=", f"{dir_key}="))]
+    return " ".join([_program(), *(_shell_word(w) for w in [*kept, "resume=true",
+                                                             f"{dir_key}={_hydra_quoted(str(folder))}"])])
 
 
 def _program() -> str:
@@ -442,7 +452,8 @@ def _override_values(overrides: list[str] | None) -> dict[str, str]:
     return {o.partition("=")[0].lstrip("+~"): o.partition("=")[2] for o in overrides or ()}
 
 
-def _check_resume_config(cfg: DictConfig, run_dir: Path, first: list[str] | None, now_overrides: list[str] | None) -> None:
+def _check_resume_config(cfg: DictConfig, run_dir: Path, first: list[str] | None, now_overrides: list[str] | None,
+                         finished: bool = False) -> None:
     """``resume=true`` continues a run with the settings it started with (its config.yaml): any
     other difference would mix two experiments in one folder, so it is refused with the command
     that resumes it as started (``first``: the first launch's overrides, if known).
@@ -473,6 +484,9 @@ def _check_resume_config(cfg: DictConfig, run_dir: Path, first: list[str] | None
         return
     shown = "; ".join(f"{k}: {saved.get(k, '(unset)')} in the run, {now.get(k, '(unset)')} now"
                       for k in differ[:8]) + (f"; and {len(differ) - 8} more" if len(differ) > 8 else "")
+    if finished:  # nothing left to resume: the command below would only say so
+        raise ConfigError(f"{run_dir} finished already, with other settings than these ({shown}); a finished run "
+                          "is not extended or changed: start a new run folder (for more steps, train.steps=N there)")
     how = resume_command(first, run_dir) if first is not None else "the overrides of its first launch, plus resume=true"
     raise ConfigError(f"resume=true continues {run_dir} with the settings it started with, but {len(differ)} "
                       f"differ: {shown}. Resume it with: {how}. Only {', '.join(RESUME_MAY_CHANGE[1:])} may "
@@ -533,7 +547,7 @@ def _run_held(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> di
         resume = True
     prior: dict[str, Any] = read_json(status_path) if (resume and status_path.exists()) else {}
     if resume:
-        _check_resume_config(cfg, run_dir, prior.get("overrides"), overrides)
+        _check_resume_config(cfg, run_dir, prior.get("overrides"), overrides, finished=prior.get("status") == "finished")
         if prior.get("status") == "finished":
             log.warning("%s finished already; nothing to resume", run_dir)
             return prior
@@ -579,8 +593,13 @@ def _run_held(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> di
     info = prior
     info.pop("error", None)  # an earlier attempt's failure is not this one's
     info.setdefault("overrides", None if overrides is None else [str(o) for o in overrides])
+    threads = torch.get_num_threads()
+    if resume and prior.get("torch_threads") not in (None, threads) and device.type == "cpu":
+        log.warning("%s started with %s intra-op threads and continues with %d: CPU float sums then round "
+                    "differently, so the resumed steps are not bit-identical to an uninterrupted run (set "
+                    "OMP_NUM_THREADS=%s to match)", run_dir, prior["torch_threads"], threads, prior["torch_threads"])
     info.update({"name": str(cfg.get("name", "run")), "status": "running", "started": info.get("started", _now()),
-                 "device": str(device), "steps": steps, "arms": {},
+                 "device": str(device), "torch_threads": threads, "steps": steps, "arms": {},
                  # an attempt without wandb (logger=none) keeps the id for the next one that has it
                  "wandb_run": logger.run_id or info.get("wandb_run"),
                  "wandb_identity": identity if logger.run_id else info.get("wandb_identity")})

@@ -35,13 +35,15 @@ L1-sized blocks (one step, 104 lanes) measured slower, since the loop overhead p
 then dominates.
 
 numba is optional: without it (or with ``ICSK_FUSED=0``) icsk uses the torch path. Kernels
-compile on first use (a few seconds, cached on disk afterwards).
+compile on first use (seconds each, cached on disk afterwards; a first call that takes longer
+than ``COMPILE_NOTICE_S`` prints why training stalls).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import sys
 import threading
 
 import numpy as np
@@ -332,6 +334,37 @@ if numba is not None:
                         v = hi[i] - (hi[i] - lo[i]) * g
                     res[7 + j, o + i] = np.nan if n_nan[i] > 0 else v
 
+COMPILE_NOTICE_S = 2.0  # a first call that takes longer than this is compiling: say so
+_called: set = set()  # kernels called once in this process (compiled or loaded from numba's cache)
+_noticed = False
+
+
+def _call(kernel, *args):
+    """``kernel(*args)``; its first call in a process compiles it (or loads it from the disk
+    cache), which can take seconds per kernel after an install: a message says why training
+    stalls then."""
+    if kernel in _called:
+        return kernel(*args)
+    timer = threading.Timer(COMPILE_NOTICE_S, _compile_notice)
+    timer.daemon = True
+    timer.start()
+    try:
+        return kernel(*args)
+    finally:
+        timer.cancel()
+        _called.add(kernel)
+
+
+def _compile_notice() -> None:
+    global _noticed
+    if not _noticed:
+        _noticed = True
+        from tqdm import tqdm  # (above a progress bar, if one is showing)
+
+        tqdm.write("icsk: compiling the CPU statistics kernels with numba (first use after an install or update, "
+                   "up to a minute; cached on disk afterwards)", file=sys.stderr)
+
+
 def _require_numba() -> None:
     if not available():
         raise RuntimeError("fused kernels unavailable: install numba (pip install numba) or unset ICSK_FUSED=0")
@@ -373,11 +406,11 @@ def scan(x: np.ndarray, *, min_max: bool, sat: float | None, zero_eps: float | N
     if threads > 1 and _parallel_lock.acquire(blocking=False):
         try:
             numba.set_num_threads(threads)
-            _scan_parallel(*args)
+            _call(_scan_parallel, *args)
         finally:
             _parallel_lock.release()
     else:
-        _scan_serial(*args)
+        _call(_scan_serial, *args)
     out = {"mean": moments[..., 0], "var": moments[..., 1]}
     if min_max:
         out["min"], out["max"] = extra[..., 0], extra[..., 1]
@@ -461,7 +494,8 @@ def scan_lanes(x: np.ndarray, *, quantiles: tuple[float, ...], min_max: bool, sa
     lanes = nb * kb * C
     res = np.empty((len(LANE_OUTPUTS) + len(quantiles), lanes), np.float32)
     counts = np.zeros((lanes, nbins + 3), np.float32) if hist is not None else np.zeros((1, 1), np.float32)
-    _scan_lane_blocks(x, kb, comps, lo, hi, frac, *_kernel_args(min_max, sat, zero_eps, True, hist), res, counts)
+    _call(_scan_lane_blocks, x, kb, comps, lo, hi, frac, *_kernel_args(min_max, sat, zero_eps, True, hist), res,
+          counts)
     n = K * C
     want = (True, True, min_max, min_max, sat is not None, zero_eps is not None, True)
     out = {name: res[i, :n].reshape(K, C) for i, name in enumerate(LANE_OUTPUTS) if want[i]}

@@ -231,6 +231,9 @@ def write_summary(sweep_dir: str | Path, *, parquet: bool = True) -> pd.DataFram
     return df
 
 
+active_sweep_dir: str | None = None  # the sweep this process launched (icsk-train's interrupt message)
+
+
 class SweepSummary(Callback):
     """Hydra callback: ``job_status.json`` per job, ``sweep_summary.csv`` per multirun."""
 
@@ -241,7 +244,9 @@ class SweepSummary(Callback):
         self._done = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+        global active_sweep_dir
+        active_sweep_dir = str(config.hydra.sweep.dir)
+        self._sweep_dir = Path(active_sweep_dir).resolve()
         self._done = False
         atexit.register(self._at_exit)
 

@@ -309,3 +309,29 @@ def test_quantiles_next_to_inf_interpolate_as_numpy_does(n, fused):
     for i, q in enumerate(qs):
         np.testing.assert_allclose(out[f"q{q:g}"][0].double().numpy(), ref[i], rtol=1e-6, equal_nan=True,
                                    err_msg=f"q{q}")
+
+
+def test_a_slow_first_kernel_call_says_it_is_compiling(monkeypatch, capsys):
+    """A fresh install compiles the kernels on first use (about 20 s for the demo), while the
+    progress bar showed an hour to go: a line says why, once, and only for a slow first call."""
+    import time
+
+    from icsk import kernels as K
+
+    monkeypatch.setattr(K, "COMPILE_NOTICE_S", 0.05)
+    monkeypatch.setattr(K, "_called", set())
+    monkeypatch.setattr(K, "_noticed", False)
+
+    def fast(x):
+        return x + 1
+
+    def slow(x):
+        time.sleep(0.3)  # like a compile
+        return x * 2
+
+    assert K._call(fast, 1) == 2
+    time.sleep(0.1)
+    assert "compiling" not in capsys.readouterr().err
+    assert K._call(slow, 2) == 4 and K._call(slow, 3) == 6
+    err = capsys.readouterr().err
+    assert err.count("icsk: compiling the CPU statistics kernels with numba") == 1

@@ -101,6 +101,8 @@ def test_resume_refuses_other_settings_and_prints_the_command_that_works(tmp_pat
     first = [*BASE, "train.steps=20", "train.eval_every=0", "train.checkpoint_every=10", "optim.lr=0.3",
              "model.arms=[bn,none]", "resume=false", "name=demo_${now:%H%M%S%f}", "+model.options.momentum=0.5"]
     run(compose(first), run_dir, overrides=first)
+    info = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**info, "status": "interrupted"}))  # (a finished one: see below)
     saved = (run_dir / "config.yaml").read_text()
     with pytest.raises(ConfigError) as err:
         run(compose(["resume=true", "logger=none"]), run_dir)
@@ -320,6 +322,10 @@ def test_resuming_a_finished_run_leaves_it_alone(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("chunk-*.parquet")} == chunks  # not rewritten
     for a, b in zip(before, frames(tmp_path), strict=True):
         pd.testing.assert_frame_equal(a, b, check_exact=True)
+    # more steps for a finished run: not "resume it with <the command that does nothing>"
+    with pytest.raises(ConfigError, match=r"finished already, with other settings than these \(train.steps: 10 in "
+                                          r"the run, 20 now\); a finished run is not extended"):
+        job(tmp_path, "resume=true", steps=20)
 
 
 @pytest.mark.parametrize("bad", ["logger=wandb logger.mode=ofline", "optim.lr=0", "optim.schedule=cosin",
@@ -404,6 +410,20 @@ def test_signal_flushes_and_marks_interrupted(tmp_path, sig):
     # forward of a step cut short by the signal may be recorded too
     got = sorted(df[df.arm == "bn"].step.unique())
     assert got == list(range(len(got))) and len(got) - 1 in (last, last + 1) and last > 0
+
+
+def test_a_refused_launch_leaves_no_stub_folder_behind(tmp_path):
+    """Hydra makes the run folder (.hydra/, icsk.log) before icsk sees the config: a refused launch
+    left it among the real runs, where `icsk-report runs/demo/*` then stopped on it."""
+    bad = cli(tmp_path / "stub", "model.activation=sigmod")
+    assert bad.returncode == 1 and "icsk-train: model=mlp: unknown activation 'sigmod'" in bad.stderr, bad.stderr
+    assert not (tmp_path / "stub").exists()
+    gone = cli(tmp_path / "typo", "resume=true")  # no run to continue there
+    assert gone.returncode == 1 and "holds no run to continue" in gone.stderr and not (tmp_path / "typo").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")  # a folder of the user's stays as it was
+    assert cli(tmp_path / "mine", "model.activation=sigmod").returncode == 1
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
 def test_the_command_that_continues_a_run_starts_the_program_as_the_user_did(tmp_path, monkeypatch):

@@ -574,3 +574,14 @@ def test_lp_spellings_get_their_own_colours_and_labels():
     arms = ["lpinf", "lp1", "none", "lp2", "bn"]
     assert len({arm_color(a) for a in arms}) == len(arms)
     assert [arm_label(a) for a in order_arms(arms)] == ["no norm", "BN", "L1 norm", "L2 norm", "L∞ norm"]
+
+
+def test_a_diverged_sweep_job_is_not_listed_as_unfinished(tmp_path):
+    """The sweep summary calls a finished job with a diverged arm "diverged": summary.md listed it
+    under "Sweep jobs not finished" while saying every run finished."""
+    from icsk.report.summary import sweep_failures
+
+    (tmp_path / "sweep_summary.csv").write_text("job,overrides,status\n0,optim.lr=0.1,finished\n"
+                                                 "1,optim.lr=10,diverged\n2,optim.lr=1,failed\n3,optim.lr=3,interrupted\n")
+    lines = sweep_failures([tmp_path])
+    assert [line.split("job ")[1].split(" ")[0] for line in lines] == ["2", "3"]

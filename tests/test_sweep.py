@@ -290,3 +290,33 @@ def test_a_job_that_died_while_running_is_summarized_as_failed(tmp_path):
     assert (row["status"], row["error"]) == ("failed", "ValueError: boom")
     (job / JOB_STATUS).write_text(json.dumps({"status": "running"}))  # still running for all anyone knows
     assert job_row(job, 0, ["seed=0"], tmp_path)["status"] == "running"
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_a_sweep_prints_the_command_that_finishes_it(tmp_path):
+    """It printed Python's traceback of the KeyboardInterrupt and no way on."""
+    import shlex
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "HYDRA_"))}
+    env.update(OMP_NUM_THREADS="1")
+    sweep = tmp_path / "sweep"
+    proc = subprocess.Popen([*icsk_train(), "-m", *TINY, "train.steps=1000000", "logger=none", "seed=0,1",
+                             "recorder.flush_every=16", f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not list((sweep / "0" / "arms" / "bn" / "stats").glob("chunk-*.parquet")):
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline, "no chunk appeared"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    line = next(x for x in err.splitlines() if x.startswith("icsk-train: sweep interrupted:"))
+    words = shlex.split(line.split("continue it with: ")[1])
+    assert words[1] == "-m" and "seed=0,1" in words and words[-2:] == ["resume=true", f"hydra.sweep.dir='{sweep}'"]
+    assert json.loads((sweep / "0" / "run.json").read_text())["status"] == "interrupted"

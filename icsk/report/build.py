@@ -88,7 +88,7 @@ def _stderr(msg: str) -> None:
 
 def build_report(
     inputs: RunSet | str | Path | Iterable[str | Path],
-    out: str | Path = "reports",
+    out: str | Path = "my_reports",
     name: str | None = None,
     figures: Iterable[str] | None = None,
     *,

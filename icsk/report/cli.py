@@ -27,7 +27,7 @@ Runs that differ in a config key other than the seed get one time-series figure 
 
 wandb: PATH wandb:ENTITY/PROJECT reads the project's runs through the wandb API (after
 `wandb login`), wandb:ENTITY/PROJECT/RUN_ID one run, wandb:PROJECT uses your default entity.
-  icsk-report wandb:me/icsk --wandb-group lr_sweep-2026-01-01_10-00-00-000001 --out reports
+  icsk-report wandb:me/icsk --wandb-group lr_sweep-2026-01-01_10-00-00-000001 --out my_reports
   icsk-report wandb:me/icsk --wandb-filters '{{"config.name": "lr_sweep", "state": "finished"}}'
 wandb holds the scalar metrics only: ics, smoothness and sweep work; ioffe, drift_* and
 hist_evolution need Recorder statistics, so pass the run folders for those.
@@ -86,7 +86,9 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="run folder(s), sweep folder(s), or wandb:ENTITY/PROJECT[/RUN_ID]")
-    p.add_argument("--out", default="reports", help="output root; figures go to OUT/NAME/ (default: reports)")
+    p.add_argument("--out", default="my_reports",
+                   help="output root; figures go to OUT/NAME/ (default: my_reports; the repository's reports/ holds "
+                        "the figures README shows)")
     p.add_argument("--name", default=None, help="report name (default: the runs' config 'name')")
     p.add_argument("--figures", type=_csv, default=None, help=f"comma-separated subset of: {', '.join(FIGURE_NAMES)}")
     p.add_argument("--layer", default=None, help="layer for ioffe/hist_evolution (default: last block*.pre_act)")

@@ -526,8 +526,8 @@ def fig_sweep(runs: RunSet, keys: Sequence[str] | None = None) -> Figure:
     keys = list(keys) if keys else runs.swept_keys()
     if not keys:
         raise MissingDataError(
-            "no config key varies across the runs (only seeds, or a single run); pass a sweep folder, e.g. "
-            "from `python scripts/train.py -m optim.lr=0.01,0.1,1`"
+            "no config key varies across the runs (only seeds, a single run, or a --where that keeps one setting); "
+            "pass a sweep folder, e.g. from `icsk-train -m optim.lr=0.01,0.1,1`, or runs of different settings"
         )
     fin = final_metrics(runs)
     metric = fin["final_metric"].dropna().iloc[0] if fin["final_metric"].notna().any() else None

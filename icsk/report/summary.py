@@ -61,7 +61,8 @@ def _md_table(header: Sequence[str], rows: list[Sequence[str]]) -> str:
 
 
 def sweep_failures(paths: Sequence[Path]) -> list[str]:
-    """Jobs of ``sweep_summary.csv`` files whose status is not finished (as short lines)."""
+    """Jobs of ``sweep_summary.csv`` files that did not finish (as short lines). A job the summary
+    calls ``diverged`` finished (an arm diverged): the Divergence section lists it."""
     out = []
     for p in paths:
         f = Path(p) / "sweep_summary.csv"
@@ -73,7 +74,7 @@ def sweep_failures(paths: Sequence[Path]) -> list[str]:
             continue
         if "status" not in df.columns:
             continue
-        bad = df[~df["status"].astype(str).isin(["finished", "ok", "success", "completed"])]
+        bad = df[~df["status"].astype(str).isin(["finished", "diverged", "ok", "success", "completed"])]
         for _, r in bad.iterrows():
             out.append(f"{f.parent.name}: job {r.get('job', '?')} ({r.get('overrides', '')}): {r['status']}")
     return out
