@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import OrderedDict
@@ -585,3 +586,23 @@ def test_a_diverged_sweep_job_is_not_listed_as_unfinished(tmp_path):
                                                  "1,optim.lr=10,diverged\n2,optim.lr=1,failed\n3,optim.lr=3,interrupted\n")
     lines = sweep_failures([tmp_path])
     assert [line.split("job ")[1].split(" ")[0] for line in lines] == ["2", "3"]
+
+
+def test_final_accuracy_leaves_out_unended_runs_and_counts_seeds_not_runs(tmp_path):
+    """An interrupted run was averaged with a finished one of the same seed as '2 seeds'."""
+    from icsk.report.summary import final_accuracy_table
+
+    make_run(tmp_path / "a", seed=0)
+    make_run(tmp_path / "b", seed=0)  # the same seed again
+    make_run(tmp_path / "c", seed=1)
+    info = json.loads((tmp_path / "c" / "run.json").read_text())
+    info["status"] = "interrupted"
+    info["arms"] = {a: {**d, "status": "interrupted"} for a, d in info["arms"].items()}
+    write_json_atomic(tmp_path / "c" / "run.json", info)
+    t = final_accuracy_table(collect_runs([tmp_path / d for d in "abc"])).set_index("arm")
+    fin = figures.final_metrics(collect_runs([tmp_path / d for d in "ab"])).set_index(["run", "arm"])["final"]
+    assert t.loc["bn", "mean"] == pytest.approx(fin.xs("bn", level="arm").mean())
+    assert (t.loc["bn", "seeds"], t.loc["bn", "runs"], t.loc["bn", "unfinished"]) == (1, 2, 1)
+    build_report([tmp_path / d for d in "abc"], out=tmp_path / "o", figures=["ioffe"], formats=("png",))
+    summary = next((tmp_path / "o").glob("*/summary.md")).read_text()
+    assert "| 1 (2 runs) |" in summary and "not ended (left out)" in summary

@@ -33,7 +33,9 @@ def _pm(mean: float, std: float, n: int) -> str:
 
 
 def final_accuracy_table(runs: RunSet) -> pd.DataFrame:
-    """Final test accuracy per setting and arm: mean, std over seeds, seeds, diverged count."""
+    """Final test accuracy per setting and arm over the runs that ended (finished or diverged): mean,
+    std, number of seeds and of runs (more runs than seeds: a seed was run again), diverged count,
+    and the runs left out because they did not end (interrupted, failed, still running)."""
     fin = final_metrics(runs)
     if fin.empty:
         return pd.DataFrame()
@@ -43,9 +45,11 @@ def final_accuracy_table(runs: RunSet) -> pd.DataFrame:
         setting = _setting(keys, vals if isinstance(vals, tuple) else (vals,))
         for arm in order_arms(g["arm"].unique()):
             a = g[g["arm"] == arm]
-            f = a["final"].astype(float)
+            ended = a[a["status"].isin(["finished", "diverged"]) | a["diverged"]]
+            f = ended["final"].astype(float)
             rows.append({"setting": setting, "arm": arm, "mean": f.mean(), "std": f.std(ddof=1) if f.count() > 1
-                         else math.nan, "seeds": int(a["run"].nunique()), "diverged": int(a["diverged"].sum())})
+                         else math.nan, "seeds": int(ended["seed"].nunique()), "runs": int(ended["run"].nunique()),
+                         "diverged": int(a["diverged"].sum()), "unfinished": len(a) - len(ended)})
     return pd.DataFrame(rows)
 
 
@@ -122,9 +126,12 @@ def summary_markdown(name: str, runs: RunSet, built: list[BuiltFigure], skipped:
         metric = final_metrics(runs)["final_metric"].dropna()
         what = "test accuracy" if len(metric) and metric.iloc[0] == "test_acc" else "train accuracy"
         lines += [f"### Final {what} (mean ± std over seeds)", ""]
-        rows = [([r["setting"]] if keys else []) + [arm_label(r["arm"]), _pm(r["mean"], r["std"], r["seeds"]),
-                                                    r["seeds"], r["diverged"]] for _, r in acc.iterrows()]
-        lines += [_md_table((["setting"] if keys else []) + ["arm", what, "seeds", "diverged"], rows), ""]
+        rows = [([r["setting"]] if keys else []) + [arm_label(r["arm"]), _pm(r["mean"], r["std"], r["runs"]),
+                                                    r["seeds"] if r["runs"] == r["seeds"] else
+                                                    f"{r['seeds']} ({r['runs']} runs)", r["diverged"]]
+                + ([r["unfinished"]] if acc["unfinished"].any() else []) for _, r in acc.iterrows()]
+        header = (["setting"] if keys else []) + ["arm", what, "seeds", "diverged"]
+        lines += [_md_table(header + (["not ended (left out)"] if acc["unfinished"].any() else []), rows), ""]
     div = runs.divergence()
     dv = div[(div["status"] == "diverged") | div["diverged_step"].notna()]
     lines += ["### Divergence", ""]
