@@ -544,7 +544,7 @@ def test_unknown_figure_and_bad_inputs(tmp_path, capsys, sweep_dir):
         main([str(sweep_dir), "--ref", "sideways"])
     assert "--ref must be one of" in capsys.readouterr().err
     assert main([str(sweep_dir), "--out", str(tmp_path / "o"), "--where", "optim.lr=7"]) == 2
-    assert "no run matches optim.lr=7" in capsys.readouterr().err
+    assert "no run matches optim.lr=7 in" in (err := capsys.readouterr().err) and "the runs have optim.lr: 0.05, 0.5" in err
     assert main([str(sweep_dir), "--out", str(tmp_path / "o"), "--where", "optim.lrr=0.5"]) == 2
     assert "['optim.lrr'] are in no run's config (closest: {'optim.lrr': ['optim.lr'" in capsys.readouterr().err
     assert main([str(sweep_dir), "--out", str(tmp_path / "o"), "--arms", "bn,BN", "--figures", "ioffe"]) == 2

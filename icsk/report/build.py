@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .figures import (FIGURE_NAMES, FIGURES, RECORDER_FIGURES, MissingDataError, drift_frame, hist_density,
-                      ioffe_spread, seeds_per_arm)
+from .figures import (FIGURE_NAMES, FIGURES, RECORDER_FIGURES, MissingDataError, config_text, drift_frame,
+                      hist_density, ioffe_spread, seeds_per_arm)
 from .loading import NoRunsError, RunSet, collect_runs
 from .style import arm_label, paper_bundles, report_style
 from .summary import BuiltFigure, sort_arms, summary_markdown
@@ -133,10 +133,13 @@ def build_report(
             near = {k: difflib.get_close_matches(k, known, n=3, cutoff=0.5) for k in missing}
             raise NoRunsError(f"--where key(s) {missing} are in no run's config (closest: {near}); "
                               f"keys look like {known[:8]}")
+        every = runs
         runs = runs.where(where)
         if not len(runs):
+            have = {k: sorted({config_text(r.config.get(k)) for r in every}) for k in where}
             raise NoRunsError(f"no run matches {' '.join(f'{k}={v}' for k, v in where.items())} in "
-                              f"{', '.join(sources)}")
+                              f"{', '.join(sources)}; the runs have " + "; ".join(f"{k}: {', '.join(v)}"
+                                                                                for k, v in have.items()))
     if arms:
         known = sorted({a for r in runs for a in r.arms})
         unknown = [a for a in arms if a not in known]

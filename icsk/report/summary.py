@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .figures import CAPTIONS, band_kind, config_text, final_metrics, is_missing
+from .figures import CAPTIONS, band_kind, config_text, final_metrics
 from .loading import RunSet
 from .style import arm_label, order_arms
 
@@ -139,7 +139,7 @@ def summary_markdown(name: str, runs: RunSet, built: list[BuiltFigure], skipped:
         lines += ["No arm diverged.", ""]
     else:
         rows = [[r["run"], arm_label(r["arm"]), r["seed"],
-                 ", ".join(f"{k}={'None' if is_missing(r[k]) else r[k]}" for k in keys),
+                 ", ".join(f"{k}={config_text(r[k])}" for k in keys),
                  "–" if pd.isna(r["diverged_step"]) else int(r["diverged_step"])] for _, r in dv.iterrows()]
         lines += [f"{len(dv)} of {len(div)} arm runs diverged.", "",
                   _md_table(["run", "arm", "seed", "setting", "diverged at step"], rows), ""]
