@@ -329,6 +329,9 @@ def test_same_noise_in_g_and_g_prime():
 def test_bad_layers():
     model = bn_net()
     opt = make_opt("sgd", model)
+    with pytest.raises(ValueError, match=r"forward order.*calls them as \['0', '4', '7'\]"):  # G' moved the wrong ones
+        gradient_ics(model, ce_loss, make_batch(), opt, ["7", "0", "4"])
+    assert not any(m._forward_pre_hooks for m in model.modules())  # its order probe is gone again
     with pytest.raises(ValueError, match=r"not a module.*nearest names: \['0', '1', '2'"):  # none close: the first
         gradient_ics(model, ce_loss, make_batch(), opt, ["0", "head"])
     with pytest.raises(ValueError, match="no trainable parameters"):

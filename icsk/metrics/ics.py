@@ -189,6 +189,23 @@ def _group_params(model: nn.Module, layers: Sequence[str], groups: Sequence[str]
     return out
 
 
+@contextmanager
+def _call_order(model: nn.Module, layers: Sequence[str]) -> Iterator[list[str]]:
+    """The names of ``layers`` in the order a forward inside the block first calls them."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    order: list[str] = []
+
+    def seen(name: str) -> Callable[..., None]:
+        return lambda module, args: None if name in order else order.append(name)
+
+    handles = [modules[n].register_forward_pre_hook(seen(n)) for n in layers]
+    try:
+        yield order
+    finally:
+        for h in handles:
+            h.remove()
+
+
 _SHARED_ATTRS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
                  "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
                  "_optimizer_load_state_dict_post_hooks")
@@ -277,7 +294,11 @@ def gradient_ics(
     with _probe_context(model, train) as rng:
         ev = _Evaluator(model, loss_fn, batch, rng)
         current = {n: p.detach() for n, p in named.items()}
-        _, g_all = ev.grad(current, trainable)
+        with _call_order(model, layers) as called:
+            _, g_all = ev.grad(current, trainable)
+        if called != [n for n in layers if n in called]:
+            raise ValueError(f"layers must be listed in forward order (G' of a layer moves the ones before it); "
+                             f"the forward calls them as {called}")
         g_full = dict(zip(trainable, g_all, strict=True))
         new_vals = _would_be_update(optimizer, {id(named[n]): g for n, g in g_full.items()})
         updated = {n: new_vals.get(id(p), current[n]) for n, p in named.items()}
