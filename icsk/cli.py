@@ -42,11 +42,10 @@ def _remove_if_stub(run_dir: Path) -> None:
     """Remove the folder Hydra made for a launch that was refused (only its .hydra/ and log file
     inside, both from this process), so it does not sit among real runs (icsk-report runs/*)."""
     try:
-        started = _PROCESS_START
-        if set(p.name for p in run_dir.iterdir()) <= {".hydra", "icsk.log"} and \
-                (run_dir / ".hydra").stat().st_mtime >= started:
+        if {p.name for p in run_dir.iterdir()} <= {".hydra", "icsk.log"} and \
+                (run_dir / ".hydra").stat().st_mtime >= _PROCESS_START:
             shutil.rmtree(run_dir)
-    except OSError:
+    except OSError:  # gone already, or not ours to remove
         pass
 
 

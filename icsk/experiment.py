@@ -485,8 +485,9 @@ def _check_resume_config(cfg: DictConfig, run_dir: Path, first: list[str] | None
     shown = "; ".join(f"{k}: {saved.get(k, '(unset)')} in the run, {now.get(k, '(unset)')} now"
                       for k in differ[:8]) + (f"; and {len(differ) - 8} more" if len(differ) > 8 else "")
     if finished:  # nothing left to resume: the command below would only say so
-        raise ConfigError(f"{run_dir} finished already, with other settings than these ({shown}); a finished run "
-                          "is not extended or changed: start a new run folder (for more steps, train.steps=N there)")
+        raise ConfigError(f"{run_dir} finished already, and these settings differ from its own ({shown}); a "
+                          "finished run is not extended or changed: start a new run folder (for more steps, "
+                          "train.steps=N there)")
     how = resume_command(first, run_dir) if first is not None else "the overrides of its first launch, plus resume=true"
     raise ConfigError(f"resume=true continues {run_dir} with the settings it started with, but {len(differ)} "
                       f"differ: {shown}. Resume it with: {how}. Only {', '.join(RESUME_MAY_CHANGE[1:])} may "
@@ -598,8 +599,9 @@ def _run_held(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> di
         log.warning("%s started with %s intra-op threads and continues with %d: CPU float sums then round "
                     "differently, so the resumed steps are not bit-identical to an uninterrupted run (set "
                     "OMP_NUM_THREADS=%s to match)", run_dir, prior["torch_threads"], threads, prior["torch_threads"])
+        info["torch_threads_on_resume"] = threads  # (torch_threads stays the count the run started with)
     info.update({"name": str(cfg.get("name", "run")), "status": "running", "started": info.get("started", _now()),
-                 "device": str(device), "torch_threads": threads, "steps": steps, "arms": {},
+                 "device": str(device), "torch_threads": info.get("torch_threads", threads), "steps": steps, "arms": {},
                  # an attempt without wandb (logger=none) keeps the id for the next one that has it
                  "wandb_run": logger.run_id or info.get("wandb_run"),
                  "wandb_identity": identity if logger.run_id else info.get("wandb_identity")})

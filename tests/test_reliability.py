@@ -323,8 +323,8 @@ def test_resuming_a_finished_run_leaves_it_alone(tmp_path):
     for a, b in zip(before, frames(tmp_path), strict=True):
         pd.testing.assert_frame_equal(a, b, check_exact=True)
     # more steps for a finished run: not "resume it with <the command that does nothing>"
-    with pytest.raises(ConfigError, match=r"finished already, with other settings than these \(train.steps: 10 in "
-                                          r"the run, 20 now\); a finished run is not extended"):
+    with pytest.raises(ConfigError, match=r"finished already, and these settings differ from its own \(train.steps: "
+                                          r"10 in the run, 20 now\); a finished run is not extended"):
         job(tmp_path, "resume=true", steps=20)
 
 
@@ -410,6 +410,26 @@ def test_signal_flushes_and_marks_interrupted(tmp_path, sig):
     # forward of a step cut short by the signal may be recorded too
     got = sorted(df[df.arm == "bn"].step.unique())
     assert got == list(range(len(got))) and len(got) - 1 in (last, last + 1) and last > 0
+
+
+def test_run_json_records_the_thread_count_and_a_resume_with_another_warns(tmp_path, caplog):
+    """CPU results depend on torch's intra-op thread count (float sums round differently): the
+    run records it, and a resume that would mix two counts says so."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        job(tmp_path, "train.checkpoint_every=5", steps=10)
+        info = json.loads((tmp_path / "run.json").read_text())
+        assert info["torch_threads"] == 1
+        (tmp_path / "run.json").write_text(json.dumps({**info, "status": "interrupted"}))
+        torch.set_num_threads(2)
+        with caplog.at_level("WARNING", logger="icsk"):
+            job(tmp_path, "train.checkpoint_every=5", "resume=true", steps=10)
+    finally:
+        torch.set_num_threads(before)
+    assert "started with 1 intra-op threads and continues with 2" in caplog.text
+    info = json.loads((tmp_path / "run.json").read_text())
+    assert (info["torch_threads"], info["torch_threads_on_resume"]) == (1, 2)
 
 
 def test_a_refused_launch_leaves_no_stub_folder_behind(tmp_path):
