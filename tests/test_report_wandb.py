@@ -188,7 +188,7 @@ def test_report_from_a_wandb_project_matches_the_run_folders(sweep, offline, fak
     for i, rid in _ids(offline).items():
         want = re.sub(rf"^\| {i} \|", f"| {rid} |", want, flags=re.M)
     assert text.replace(skipped.group(0), "") == want  # figures, key numbers, divergence table, run status: the same
-    assert f"| icsk/{offline[2]['run_id']} | no norm | 0 | optim.lr=10.0 | 10 |" in text  # diverged, from wandb
+    assert f"| icsk/{offline[2]['run_id']} | no norm | 0 | optim.lr=10 | 10 |" in text  # diverged, from wandb
 
 
 def test_figures_of_wandb_runs(offline, fake_api):
