@@ -204,8 +204,8 @@ def build_scheduler(ocfg: DictConfig, opt: torch.optim.Optimizer, steps: int):
         if kind == "cosine":
             # math, not numpy: a numpy scalar lr reached the checkpoint, which torch.load(weights_only) refuses
             return w * 0.5 * (1 + math.cos(math.pi * min(step, steps) / max(1, steps)))
-        if kind == "step":
-            return w * (0.1 ** ((step >= steps // 2) + (step >= 3 * steps // 4)))
+        if kind == "step":  # (at least one step in: a run of one step keeps its lr)
+            return w * (0.1 ** ((step >= max(1, steps // 2)) + (step >= max(1, 3 * steps // 4))))
         raise ConfigError(f"unknown optim.schedule {kind!r}; valid: constant, cosine, step")
 
     factor(0)

@@ -145,6 +145,22 @@ def test_logged_learning_rate_is_the_one_the_logged_step_used(tmp_path, log_ever
     np.testing.assert_allclose(lr.value.to_numpy(), want, rtol=1e-6)
 
 
+@pytest.mark.parametrize("steps", [1, 2, 8])
+def test_the_step_schedule_drops_at_half_and_three_quarters_of_the_run(steps):
+    """x0.1 at 50 % and again at 75 % of train.steps; a one-step run kept both drops at step 0."""
+    from icsk.experiment import build_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(compose(["optim.schedule=step"]).optim, opt, steps)
+    got = []
+    for _ in range(steps):
+        got.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    want = {1: [1.0], 2: [1.0, 0.01], 8: [1.0] * 4 + [0.1] * 2 + [0.01] * 2}[steps]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
 def test_a_slurm_time_out_closes_the_run_as_interrupted(tmp_path, monkeypatch):
     """submitit's SIGUSR2 handler raises UncompletedJobError (a RuntimeError) at a time-out it does
     not requeue: that is an interruption, as the README and the slurm launcher config say."""
