@@ -25,10 +25,8 @@ def group_keys(group: str) -> tuple[str, ...]:
     """Every key that a config of ``group`` sets in conf/ (any of ``conf/<group>/*.yaml``; for
     ``train``, the section of config.yaml): a key beyond them reaches no code."""
     if group == "train":
-        nodes = [OmegaConf.load(CONF_DIR / "config.yaml").get("train") or {}]
-    else:
-        nodes = [OmegaConf.load(f) for f in sorted((CONF_DIR / group).glob("*.yaml"))]
-    return tuple(dict.fromkeys(k for node in nodes for k in node if k != "defaults"))
+        return _keys_of([OmegaConf.load(CONF_DIR / "config.yaml").get("train") or {}])
+    return _keys_of([OmegaConf.load(f) for f in sorted((CONF_DIR / group).glob("*.yaml"))])
 
 
 @functools.cache
@@ -36,8 +34,11 @@ def option_keys(group: str, name: str) -> tuple[str, ...]:
     """The keys that the option of ``group`` named ``name`` sets (the ``conf/<group>/*.yaml`` whose
     ``name`` is ``name``); every key of the group where no file has that name."""
     nodes = [node for f in sorted((CONF_DIR / group).glob("*.yaml")) if (node := OmegaConf.load(f)).get("name") == name]
-    if not nodes:
-        return group_keys(group)
+    return _keys_of(nodes) if nodes else group_keys(group)
+
+
+def _keys_of(nodes: Sequence[Any]) -> tuple[str, ...]:
+    """The top-level keys of config nodes, each once, in order (``defaults`` is Hydra's, not a setting)."""
     return tuple(dict.fromkeys(k for node in nodes for k in node if k != "defaults"))
 
 

@@ -46,12 +46,16 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the key and the fix."""
 
 
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda when available (else mps, else cpu); otherwise the named device."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
     try:
@@ -64,7 +68,7 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ConfigError(f"device={name!r} but this machine has {torch.cuda.device_count()} GPU(s); use "
                           f"device=cuda (the first) or cuda:N with N < {torch.cuda.device_count()}")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+    if dev.type == "mps" and not _mps_available():
         raise ConfigError(f"device={name!r} but MPS (Apple's GPU) is not available here; use device=auto or device=cpu")
     return dev
 
@@ -548,8 +552,9 @@ def _run_held(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> di
         resume = True
     prior: dict[str, Any] = read_json(status_path) if (resume and status_path.exists()) else {}
     if resume:
-        _check_resume_config(cfg, run_dir, prior.get("overrides"), overrides, finished=prior.get("status") == "finished")
-        if prior.get("status") == "finished":
+        finished = prior.get("status") == "finished"
+        _check_resume_config(cfg, run_dir, prior.get("overrides"), overrides, finished=finished)
+        if finished:
             log.warning("%s finished already; nothing to resume", run_dir)
             return prior
     # everything that can refuse the config runs before the folder is written to

@@ -257,12 +257,13 @@ def _with_setting(df: pd.DataFrame, label: str) -> pd.DataFrame:
 def _key_numbers(kind: str, rs: RunSet, fig: Figure, label: str, extra: dict[str, pd.DataFrame], measure: str,
                  drift_of) -> None:
     """Add a figure's key numbers to ``extra`` (title -> table) for summary.md."""
+    div = rs.divergence()
+    diverged = div.loc[div["status"] == "diverged", "arm"].unique()
 
     def add(title: str, df: pd.DataFrame) -> None:
         if df.empty:
             return
-        div = rs.divergence()
-        gone = [a for a in div.loc[div["status"] == "diverged", "arm"].unique() if a not in set(df["arm"])]
+        gone = [a for a in diverged if a not in set(df["arm"])]
         if gone:  # a diverged arm without numbers keeps its row ("–"), not silently left out
             df = pd.concat([df, pd.DataFrame({"arm": gone})], ignore_index=True)
         df = sort_arms(df)
