@@ -51,6 +51,7 @@ import numpy as np
 MIN_ROW = 2  # rows (spatial positions per sample) shorter than this stay on the torch path (or go to scan_lanes)
 MAX_NETWORK_ROWS = 256  # scan_lanes sorts up to this many values per unit with a network
 _LANE_BLOCK = 512  # lanes per block: N x 512 float32 values stay in L2
+_WORKER_ARGS = 20  # int64 values scan_lanes packs for the parallel lanes kernel
 _GROUP_VALUES = 8192  # scan reads about this many adjacent values (32 KB) of one sample at a time
 _GROUP_HIST_BYTES = 256 * 1024  # at most this much sub-histogram memory per group
 _parallel_lock = threading.Lock()  # numba's default threading layer must not run two parallel kernels at once
@@ -58,7 +59,10 @@ _parallel_lock = threading.Lock()  # numba's default threading layer must not ru
 
 try:
     import numba
-    from numba import njit, prange
+    from llvmlite import ir
+    from numba import carray, cfunc, njit, prange, types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
 except ImportError:  # optional: the torch path is used instead
     numba = None
 
@@ -220,119 +224,172 @@ if numba is not None:
             _units(x, j // per_step, c0, min(c0 + group, C), nsub, flags, origin, scale, nbins, sat, eps, moments, extra, hist)
 
     @njit(cache=True, nogil=True)
-    def _scan_lane_blocks(x, kb, comps, qlo, qhi, qfrac, flags, origin, scale, nbins, sat, eps,
-                          res, hist):  # pragma: no cover - compiled
-        """Statistics of every unit of ``x`` [K, N, C] into ``res[s, k*C + c]`` (s runs over
-        LANE_OUTPUTS, then the quantiles). Steps are taken ``kb`` at a time: each block is copied
-        to a buffer [N, kb*C] (unit c of the block's step j is lane j*C + c), small enough to
-        stay in cache, where every statistic is a pass over rows vectorised across lanes and the
-        sorting network (``comps``, partial) reorders each lane in place."""
+    def _lane_scratch(N, W):  # pragma: no cover - compiled
+        """A lane block [N, W] and the per-lane sums and counts :func:`_lane_block` works in. The
+        block starts zeroed: lanes past a short last block keep old values, whose results are dropped."""
+        return np.zeros((N, W), np.float32), np.empty((6, W), np.float32), np.empty((4, W), np.int32)
+
+    @njit(cache=True, nogil=True)
+    def _lane_block(x, b, kb, comps, qlo, qhi, qfrac, flags, origin, scale, nbins, sat, eps,
+                    res, hist, blk, sums, counts):  # pragma: no cover - compiled
+        """Statistics of block ``b`` (steps ``b*kb`` to ``b*kb + kb - 1``) of ``x`` [K, N, C] into
+        ``res[s, k*C + c]`` (s runs over LANE_OUTPUTS, then the quantiles). The block is copied to
+        ``blk`` [N, kb*C] (unit c of the block's step j is lane j*C + c), small enough to stay in
+        cache, where every statistic is a pass over rows vectorised across lanes and the sorting
+        network (``comps``, partial) reorders each lane in place."""
         want_min_max, want_sat, want_zero, want_hist = flags[0], flags[1], flags[2], flags[4]
         K, N, C = x.shape
         W = kb * C
-        nb = -(-K // kb)
-        blk = np.zeros((N, W), np.float32)  # lanes past a short last block keep old values; their results are dropped
         f0 = np.float32(0.0)
         top = np.float32(nbins + 1)
         drop = nbins + 2
-        s1 = np.empty(W, np.float32)
-        s2 = np.empty(W, np.float32)
-        c1 = np.empty(W, np.float32)
-        mean = np.empty(W, np.float32)
-        mn = np.empty(W, np.float32)
-        mx = np.empty(W, np.float32)
-        n_nan = np.empty(W, np.int32)
-        n_inf = np.empty(W, np.int32)
-        n_sat = np.empty(W, np.int32)
-        n_zero = np.empty(W, np.int32)
-        for b in range(nb):
-            o = b * W
-            for j in range(min(kb, K - b * kb)):  # the block's steps, side by side
-                for n in range(N):
-                    src = x[b * kb + j, n]
-                    dst = blk[n]
-                    for c in range(C):
-                        dst[j * C + c] = src[c]
-            s1[:] = 0.0
-            s2[:] = 0.0
-            c1[:] = 0.0
-            mn[:] = np.inf
-            mx[:] = -np.inf
-            n_nan[:] = 0
-            n_inf[:] = 0
-            n_sat[:] = 0
-            n_zero[:] = 0
-            for n in range(N):  # pass 1: sums and counts, vectorised across lanes
+        s1, s2, c1, mean, mn, mx = sums[0], sums[1], sums[2], sums[3], sums[4], sums[5]
+        n_nan, n_inf, n_sat, n_zero = counts[0], counts[1], counts[2], counts[3]
+        o = b * W
+        for j in range(min(kb, K - b * kb)):  # the block's steps, side by side
+            for n in range(N):
+                src = x[b * kb + j, n]
+                dst = blk[n]
+                for c in range(C):
+                    dst[j * C + c] = src[c]
+        s1[:] = 0.0
+        s2[:] = 0.0
+        c1[:] = 0.0
+        mn[:] = np.inf
+        mx[:] = -np.inf
+        n_nan[:] = 0
+        n_inf[:] = 0
+        n_sat[:] = 0
+        n_zero[:] = 0
+        for n in range(N):  # pass 1: sums and counts, vectorised across lanes
+            r = blk[n]
+            for i in range(W):
+                s1[i] += r[i]
+            if want_min_max:
+                _running_min_max(r, mn, mx)
+            if want_sat:
+                for i in range(W):
+                    n_sat[i] += abs(r[i]) > sat
+            if want_zero:
+                for i in range(W):
+                    n_zero[i] += abs(r[i]) <= eps
+            if want_hist:
+                for i in range(W):
+                    hist[o + i, _bin(r[i], origin, scale, top, drop)] += 1
+        finite = True  # NaN and inf propagate into the sum: a finite sum proves a finite lane
+        for i in range(W):
+            finite &= np.isfinite(s1[i])
+        if not finite:
+            for n in range(N):
                 r = blk[n]
                 for i in range(W):
-                    s1[i] += r[i]
-                if want_min_max:
-                    _running_min_max(r, mn, mx)
-                if want_sat:
-                    for i in range(W):
-                        n_sat[i] += abs(r[i]) > sat
-                if want_zero:
-                    for i in range(W):
-                        n_zero[i] += abs(r[i]) <= eps
-                if want_hist:
-                    for i in range(W):
-                        hist[o + i, _bin(r[i], origin, scale, top, drop)] += 1
-            finite = True  # NaN and inf propagate into the sum: a finite sum proves a finite lane
+                    v = r[i]
+                    n_nan[i] += v != v
+                    n_inf[i] += abs(v) == np.inf
+        for i in range(W):
+            mean[i] = s1[i] / np.float32(N)
+        for n in range(N):  # pass 2: sums of the deviations and their squares
+            r = blk[n]
             for i in range(W):
-                finite &= np.isfinite(s1[i])
-            if not finite:
-                for n in range(N):
-                    r = blk[n]
-                    for i in range(W):
-                        v = r[i]
-                        n_nan[i] += v != v
-                        n_inf[i] += abs(v) == np.inf
+                d = r[i] - mean[i]
+                c1[i] += d
+                s2[i] += d * d
+        for i in range(W):
+            # corrected two-pass (Chan, Golub & LeVeque): the deviations' own sum removes the
+            # rounding of the first mean from both results, so the variance does not cancel
+            # when |mean| >> std; a non-finite first mean is torch's result as it stands
+            ok = np.isfinite(mean[i])
+            res[0, o + i] = mean[i] + c1[i] / np.float32(N) if ok else mean[i]
+            v = s2[i] - c1[i] * c1[i] / np.float32(N) if ok else s2[i]
+            res[1, o + i] = v / np.float32(N - 1) if N > 1 else np.nan
+            bad = n_nan[i] > 0
+            res[2, o + i] = np.nan if bad else mn[i]
+            res[3, o + i] = np.nan if bad else mx[i]
+            res[4, o + i] = n_sat[i] / N
+            res[5, o + i] = n_zero[i] / N
+            res[6, o + i] = n_nan[i] + n_inf[i]
+        for p in range(comps.shape[0]):  # the sorting network, all lanes at once
+            a = blk[comps[p, 0]]
+            c = blk[comps[p, 1]]
             for i in range(W):
-                mean[i] = s1[i] / np.float32(N)
-            for n in range(N):  # pass 2: sums of the deviations and their squares
-                r = blk[n]
-                for i in range(W):
-                    d = r[i] - mean[i]
-                    c1[i] += d
-                    s2[i] += d * d
-            for i in range(W):
-                # corrected two-pass (Chan, Golub & LeVeque): the deviations' own sum removes the
-                # rounding of the first mean from both results, so the variance does not cancel
-                # when |mean| >> std; a non-finite first mean is torch's result as it stands
-                ok = np.isfinite(mean[i])
-                res[0, o + i] = mean[i] + c1[i] / np.float32(N) if ok else mean[i]
-                v = s2[i] - c1[i] * c1[i] / np.float32(N) if ok else s2[i]
-                res[1, o + i] = v / np.float32(N - 1) if N > 1 else np.nan
-                bad = n_nan[i] > 0
-                res[2, o + i] = np.nan if bad else mn[i]
-                res[3, o + i] = np.nan if bad else mx[i]
-                res[4, o + i] = n_sat[i] / N
-                res[5, o + i] = n_zero[i] / N
-                res[6, o + i] = n_nan[i] + n_inf[i]
-            for p in range(comps.shape[0]):  # the sorting network, all lanes at once
-                a = blk[comps[p, 0]]
-                c = blk[comps[p, 1]]
-                for i in range(W):
-                    u = a[i]
-                    v = c[i]
-                    lt = v < u
-                    # "+ 0" keeps LLVM from turning the stores into masked stores (slow on
-                    # AMD); it only turns -0.0 into +0.0
-                    a[i] = (v if lt else u) + f0
-                    c[i] = (u if lt else v) + f0
-            for j in range(qlo.shape[0]):
-                lo = blk[qlo[j]]
-                hi = blk[qhi[j]]
-                f = qfrac[j]
-                g = np.float32(1.0) - f
-                for i in range(W):  # NumPy's lerp: from the nearer side (a finite value next to inf stays inf)
-                    if f == f0:
-                        v = lo[i]
-                    elif f < np.float32(0.5):
-                        v = lo[i] + (hi[i] - lo[i]) * f
-                    else:
-                        v = hi[i] - (hi[i] - lo[i]) * g
-                    res[7 + j, o + i] = np.nan if n_nan[i] > 0 else v
+                u = a[i]
+                v = c[i]
+                lt = v < u
+                # "+ 0" keeps LLVM from turning the stores into masked stores (slow on
+                # AMD); it only turns -0.0 into +0.0
+                a[i] = (v if lt else u) + f0
+                c[i] = (u if lt else v) + f0
+        for j in range(qlo.shape[0]):
+            lo = blk[qlo[j]]
+            hi = blk[qhi[j]]
+            f = qfrac[j]
+            g = np.float32(1.0) - f
+            for i in range(W):  # NumPy's lerp: from the nearer side (a finite value next to inf stays inf)
+                if f == f0:
+                    v = lo[i]
+                elif f < np.float32(0.5):
+                    v = lo[i] + (hi[i] - lo[i]) * f
+                else:
+                    v = hi[i] - (hi[i] - lo[i]) * g
+                res[7 + j, o + i] = np.nan if n_nan[i] > 0 else v
+
+    @njit(cache=True, nogil=True)
+    def _scan_lane_blocks(x, kb, comps, qlo, qhi, qfrac, flags, origin, scale, nbins, sat, eps,
+                          res, hist):  # pragma: no cover - compiled
+        """Every lane block of ``x`` [K, N, C] in turn (see :func:`_lane_block`)."""
+        blk, sums, counts = _lane_scratch(x.shape[1], kb * x.shape[2])
+        for b in range(-(-x.shape[0] // kb)):
+            _lane_block(x, b, kb, comps, qlo, qhi, qfrac, flags, origin, scale, nbins, sat, eps, res, hist,
+                        blk, sums, counts)
+
+    @intrinsic
+    def _address(typingctx, value):  # pragma: no cover - compiled
+        """An integer as a pointer (for :func:`numba.carray`)."""
+        def codegen(context, builder, sig, args):
+            return builder.inttoptr(args[0], cgutils.voidptr_t)
+        return types.voidptr(value), codegen
+
+    @intrinsic
+    def _fetch_add(typingctx, address):  # pragma: no cover - compiled
+        """Atomically add 1 to the int64 at ``address``; returns the value before."""
+        def codegen(context, builder, sig, args):
+            ptr = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
+            return builder.atomic_rmw("add", ptr, ir.Constant(ir.IntType(64), 1), "monotonic")
+        return types.int64(address), codegen
+
+    @functools.cache
+    def _lane_worker_address() -> int:
+        """Address of the compiled :func:`_lane_worker` (compiled, or loaded from numba's cache, on
+        first use rather than at import)."""
+
+        @cfunc(types.void(types.voidptr), cache=True)
+        def _lane_worker(data):  # pragma: no cover - compiled
+            """One thread's share of a parallel :func:`scan_lanes`, for ``GOMP_parallel``: ``data``
+            is the int64 array scan_lanes packs (sizes, then addresses: the arrays, then the
+            block counter at ``a[19]``); each thread takes the next lane block from the counter
+            until none is left (blocks are disjoint lanes of ``res`` and ``hist``, so threads
+            never write the same value)."""
+            a = carray(data, (_WORKER_ARGS,), dtype=np.int64)
+            K, N, C, kb, P, nq, lanes, hw, nbins = a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8]
+            x = carray(_address(a[9]), (K, N, C), dtype=np.float32)
+            comps = carray(_address(a[10]), (P, 2), dtype=np.int64)
+            qlo = carray(_address(a[11]), (nq,), dtype=np.int64)
+            qhi = carray(_address(a[12]), (nq,), dtype=np.int64)
+            qfrac = carray(_address(a[13]), (nq,), dtype=np.float32)
+            flags = carray(_address(a[14]), (5,), dtype=np.int64)
+            res = carray(_address(a[15]), (7 + nq, lanes), dtype=np.float32)
+            hist = carray(_address(a[16]), (lanes if hw > 1 else 1, hw), dtype=np.float32)
+            par = carray(_address(a[17]), (4,), dtype=np.float32)  # origin, scale, sat, eps
+            nb = -(-K // kb)
+            blk, sums, counts = _lane_scratch(N, kb * C)
+            b = _fetch_add(a[18])
+            while b < nb:
+                _lane_block(x, b, kb, comps, qlo, qhi, qfrac, flags, par[0], par[1], nbins, par[2], par[3], res, hist,
+                            blk, sums, counts)
+                b = _fetch_add(a[18])
+
+        return _lane_worker.address
+
 
 COMPILE_NOTICE_S = 2.0  # a first call that takes longer than this is compiling: say so
 _called: set = set()  # kernels called once in this process (compiled or loaded from numba's cache)
@@ -479,11 +536,14 @@ LANE_OUTPUTS = ("mean", "var", "min", "max", "frac_sat", "frac_zero", "nonfinite
 
 
 def scan_lanes(x: np.ndarray, *, quantiles: tuple[float, ...], min_max: bool, sat: float | None,
-               zero_eps: float | None, hist: tuple[float, float, int] | None) -> dict[str, np.ndarray]:
+               zero_eps: float | None, hist: tuple[float, float, int] | None, threads: int = 1) -> dict[str, np.ndarray]:
     """Per-unit statistics of a float32 array ``x`` [K, N, C] (one value per unit and sample):
     the outputs of :func:`scan` plus ``q{q}`` for each of ``quantiles``, each [K, C].
 
-    ``N`` must be at most :data:`MAX_NETWORK_ROWS`; ``x`` is left unchanged."""
+    ``N`` must be at most :data:`MAX_NETWORK_ROWS`; ``x`` is left unchanged. ``threads`` > 1
+    splits the lane blocks of a C-contiguous ``x`` across torch's OpenMP team
+    (:mod:`icsk.omp_team`; serially where there is none): call it from the thread that runs
+    torch's ops, whose team it borrows."""
     _require_numba()
     K, N, C = x.shape
     if N > MAX_NETWORK_ROWS:
@@ -494,8 +554,17 @@ def scan_lanes(x: np.ndarray, *, quantiles: tuple[float, ...], min_max: bool, sa
     lanes = nb * kb * C
     res = np.empty((len(LANE_OUTPUTS) + len(quantiles), lanes), np.float32)
     counts = np.zeros((lanes, nbins + 3), np.float32) if hist is not None else np.zeros((1, 1), np.float32)
-    _call(_scan_lane_blocks, x, kb, comps, lo, hi, frac, *_kernel_args(min_max, sat, zero_eps, True, hist), res,
-          counts)
+    flags, origin, scale, nbins, sat_, eps_ = _kernel_args(min_max, sat, zero_eps, True, hist)
+    team = _team_for(threads, nb, x)
+    if team is not None:
+        params = np.array([origin, scale, sat_, eps_], np.float32)
+        arrays = (x, comps, lo, hi, frac, flags.astype(np.int64), res, counts, params)
+        args = np.array([K, N, C, kb, len(comps), len(lo), lanes, counts.shape[1], nbins,
+                         *(a.ctypes.data for a in arrays), 0, 0], np.int64)
+        args[18] = args.ctypes.data + 8 * 19  # the block counter's address
+        team.run(_call(_lane_worker_address), args.ctypes.data, min(threads, nb))  # the arrays outlive it
+    else:
+        _call(_scan_lane_blocks, x, kb, comps, lo, hi, frac, flags, origin, scale, nbins, sat_, eps_, res, counts)
     n = K * C
     want = (True, True, min_max, min_max, sat is not None, zero_eps is not None, True)
     out = {name: res[i, :n].reshape(K, C) for i, name in enumerate(LANE_OUTPUTS) if want[i]}
@@ -504,6 +573,15 @@ def scan_lanes(x: np.ndarray, *, quantiles: tuple[float, ...], min_max: bool, sa
     for j, q in enumerate(quantiles):
         out[f"q{q:g}"] = res[len(LANE_OUTPUTS) + j, :n].reshape(K, C)
     return out
+
+
+def _team_for(threads: int, blocks: int, x: np.ndarray):
+    """torch's OpenMP team for a parallel lanes kernel, or None to run it serially."""
+    if threads < 2 or blocks < 2 or not x.flags.c_contiguous:
+        return None
+    from .omp_team import torch_team  # (imports this module)
+
+    return torch_team()
 
 
 def _lane_blocks(K: int, C: int) -> tuple[int, int]:

@@ -249,9 +249,10 @@ class Reducer:
 
     def _scan_lanes(self, x: torch.Tensor, edges) -> dict[str, torch.Tensor]:
         """Every statistic, quantiles included, of a [K, N, C, 1] view with units as SIMD lanes
-        (:func:`icsk.kernels.scan_lanes`)."""
+        (:func:`icsk.kernels.scan_lanes`; on torch's OpenMP team unless ``threads`` is 1)."""
         # numpy indexing, not a torch op: on the reducer thread every torch op hands the GIL over
-        res = kernels.scan_lanes(x.numpy()[..., 0], quantiles=self._lane_quantiles, **self._kernel_options(edges))
+        res = kernels.scan_lanes(x.numpy()[..., 0], quantiles=self._lane_quantiles, **self._kernel_options(edges),
+                                 threads=self.threads or torch.get_num_threads())
         return {s: torch.from_numpy(v) for s, v in res.items() if s in self._outputs}
 
     def _kernel_options(self, edges) -> dict:

@@ -335,3 +335,80 @@ def test_a_slow_first_kernel_call_says_it_is_compiling(monkeypatch, capsys):
     assert K._call(slow, 2) == 4 and K._call(slow, 3) == 6
     err = capsys.readouterr().err
     assert err.count("icsk: compiling the CPU statistics kernels with numba") == 1
+
+
+def _team_or_skip():
+    from icsk.omp_team import torch_team
+
+    team = torch_team()
+    if team is None:
+        pytest.skip("torch's OpenMP runtime not found here (not Linux, or torch built without OpenMP)")
+    return team
+
+
+@pytest.mark.parametrize("shape", [(7, 60, 100), (64, 60, 100), (13, 37, 250), (100, 256, 7), (9, 2, 600)])
+def test_lanes_kernel_on_torchs_team_matches_it_serially(monkeypatch, shape):
+    """Split across torch's OpenMP threads, every statistic (histograms, NaN and inf included)
+    equals the serial kernel's bit for bit, and the parallel region really was started."""
+    team = _team_or_skip()
+    calls = []
+    run = type(team).run
+    monkeypatch.setattr(type(team), "run", lambda self, *a: (calls.append(a[2]), run(self, *a))[1])
+    x = awkward_dense(*shape, seed=7).numpy()[..., 0]
+    before = x.copy()
+    kw = dict(quantiles=(0.0, *QS, 1.0), min_max=True, sat=1.5, zero_eps=1e-6,
+              hist=Reducer(StatSpec(hist_bins=BINS))._hist_transform(EDGES))
+    serial = kernels.scan_lanes(x, **kw, threads=1)
+    assert calls == []
+    parallel = kernels.scan_lanes(x, **kw, threads=2)
+    assert calls == [2]
+    np.testing.assert_array_equal(x, before)
+    assert serial.keys() == parallel.keys()
+    for stat in serial:
+        np.testing.assert_array_equal(parallel[stat], serial[stat], err_msg=stat)
+
+
+def test_reducer_on_the_training_thread_uses_torchs_team(monkeypatch):
+    """Reducer() (threads from torch) borrows the team for dense layers; Reducer(threads=1), the
+    reducer thread's, never does; both give the float64 reference's quantiles."""
+    team = _team_or_skip()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    calls = []
+    run = type(team).run
+    monkeypatch.setattr(type(team), "run", lambda self, *a: (calls.append(a[2]), run(self, *a))[1])
+    x = awkward_dense(64, 60, 100, seed=3)
+    spec = StatSpec(stats=("mean", "var", "quantiles"), quantiles=QS)
+    single = Reducer(spec, threads=1)(x)
+    assert calls == []
+    shared = Reducer(spec)(x)
+    assert calls == [2]
+    for stat in single:
+        torch.testing.assert_close(shared[stat], single[stat], rtol=0, atol=0, equal_nan=True, msg=stat)
+    for k in (0, 63):
+        ref = ref_of(x, k)
+        for stat in single:
+            np.testing.assert_allclose(shared[stat][k].double().numpy(), ref[stat], rtol=2e-5, atol=2e-5,
+                                       equal_nan=True, err_msg=f"{stat} step {k}")
+
+
+def test_a_runtime_torch_does_not_use_is_not_taken():
+    """Another OpenMP runtime in the process (numba's own) has a team of its own, whose threads
+    would spin beside torch's: it is refused because a count set through torch does not show there."""
+    from icsk import omp_team
+
+    class Other:
+        @staticmethod
+        def omp_get_max_threads():
+            return 2
+
+    before = torch.get_num_threads()
+    assert not omp_team._is_torchs(Other())
+    assert torch.get_num_threads() == before
+
+
+def test_the_team_can_be_turned_off(monkeypatch):
+    from icsk import omp_team
+
+    monkeypatch.setenv("ICSK_OMP_TEAM", "0")
+    assert omp_team.torch_team() is None
+    assert kernels._team_for(2, 5, np.zeros((3, 4, 5), np.float32)) is None
