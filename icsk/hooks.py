@@ -427,12 +427,13 @@ class Recorder:
         self._handles = []
 
     def close(self) -> None:
-        """Remove hooks and flush everything recorded to the run folder. Idempotent; Recorders
-        left open are closed at interpreter exit."""
+        """Remove hooks, flush everything recorded to the run folder and put it on the disk itself
+        (``fsync``). Idempotent; Recorders left open are closed at interpreter exit."""
         self._entered = False
         self.remove()
         try:
             self.flush(wait=True)
+            self._writer.sync()
             _open.discard(self)  # (an interrupted flush is tried again at exit)
         finally:
             self._lease.release()
@@ -760,7 +761,9 @@ class Recorder:
 
     def flush(self, wait: bool = False) -> None:
         """Reduce staged activations and write every pending result as one parquet chunk
-        (in a background thread; ``wait=True`` returns once it is on disk)."""
+        (in a background thread; ``wait=True`` returns once it is in the run folder, where any
+        process can read it and a crash of this one cannot lose it; :meth:`close` also puts it
+        on the disk itself)."""
         self._flush()
         if wait:
             self._writer.wait()

@@ -285,7 +285,7 @@ class Trainer:
                 if a.recorder is not None:
                     a.recorder.close()
             self._log_losses()
-            self.metrics.flush()
+            self.metrics.close()
 
     def train_step(self, batch) -> None:
         """One step of every active arm on the same batch."""
