@@ -315,7 +315,8 @@ class Recorder:
             (cache-sized) and 64 on GPUs. A layer is staged when 2 steps fit (1 on GPUs) and then
             reduced K steps at a time on a background thread, which on a GPU also takes the kernel
             launches off the training thread (on a CPU whose cores all run torch's threads, the
-            training thread reduces a full buffer itself); larger layers are reduced inside the hook.
+            training thread reduces a full buffer itself, dense layers on torch's OpenMP team);
+            larger layers are reduced inside the hook.
     """
 
     def __init__(

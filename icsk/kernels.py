@@ -32,7 +32,9 @@ per step for 100 units of a batch of 60 (64 steps per call, every statistic of t
 benchmark), against 25 us for the torch path's transposing copy, moments and NumPy's SIMD sort
 of each unit's row. Each comparator is a vectorised min/max over a block's lanes; narrower,
 L1-sized blocks (one step, 104 lanes) measured slower, since the loop overhead per comparator
-then dominates.
+then dominates. With ``threads`` > 1 the blocks are shared out across torch's own OpenMP team
+(:mod:`icsk.omp_team`) by a compiled C callback (:func:`_lane_worker_address`), each thread
+taking the next block from an atomic counter.
 
 numba is optional: without it (or with ``ICSK_FUSED=0``) icsk uses the torch path. Kernels
 compile on first use (seconds each, cached on disk afterwards; a first call that takes longer

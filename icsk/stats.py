@@ -20,7 +20,8 @@ histograms). Speed notes, measured on a 2-core CPU (see reports/benchmarks.md):
   quantiles from one fused pass (:mod:`icsk.kernels`, numba) instead of one pass per statistic;
 * dense activations on the CPU (one value per unit and sample, batches up to 256) get every
   statistic, quantiles included, from :func:`icsk.kernels.scan_lanes`, which treats units as
-  SIMD lanes and selects the quantiles' order statistics with a sorting network.
+  SIMD lanes and selects the quantiles' order statistics with a sorting network; a Reducer
+  without a fixed thread count (the training thread's) runs it on torch's own OpenMP team.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ write than a parquet list column, which matters because chunks are written while
 Folders written with the older ``list<float32>`` column read the same.
 
 Every chunk is written to a temporary file and renamed, so a killed process leaves whole
-chunks only; ``load_run`` reads finished and interrupted folders alike.
+chunks only; ``load_run`` reads finished and interrupted folders alike. Chunks are synced to
+the disk at the end of a run (:meth:`ChunkWriter.sync`), not one by one while training waits.
 """
 
 from __future__ import annotations

@@ -584,5 +584,8 @@ def test_corrupt_or_partial_run_folders(tmp_path):
     chunk.write_bytes(good[: len(good) // 2])
     with pytest.raises(icsk.RunFolderError, match=rf"{chunk.name}.*unreadable"):
         icsk.load_run(tmp_path)
+    chunk.write_bytes(b"")  # what a power cut can leave of a chunk the disk had not got yet
+    with pytest.raises(icsk.RunFolderError, match=rf"{chunk.name}.*unreadable.*delete it to load the rest"):
+        icsk.load_run(tmp_path)
     chunk.write_bytes(good)  # the other files were never touched
     pd.testing.assert_frame_equal(icsk.load_run(tmp_path), before)
