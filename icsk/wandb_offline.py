@@ -194,6 +194,8 @@ def _read_run(path: str | Path, *, strict: bool) -> dict[str, Any]:
                              "pass one of their .wandb files")
     # one run id in several folders: the attempts of a resumed run (oldest first), read as one run
     parts = [_read_file(f, strict) for f in files]
+    # an attempt killed (SIGKILL) before wandb's service wrote its run record holds nothing: skipped
+    parts = [p for p in parts if p["run_id"] is not None] or parts[-1:]
     if len({p["project"] for p in parts}) > 1:
         raise WandbFileError(f"{path} holds runs of one id in different projects "
                              f"({', '.join(str(p['project']) for p in parts)}); pass one of their .wandb files")

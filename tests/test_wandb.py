@@ -335,3 +335,36 @@ def test_history_to_metrics_keeps_the_later_of_two_values_for_a_step():
     m = history_to_metrics(rows).sort_values(["arm", "metric", "step"]).reset_index(drop=True)
     assert m[["step", "arm", "metric", "value"]].values.tolist() == [
         [5, "bn", "acc", 0.5], [5, "bn", "loss", 3.0], [6, "bn", "loss", 2.0], [6, "none", "loss", 4.0]]
+
+
+
+@pytest.mark.slow
+def test_a_run_killed_before_wandb_wrote_anything_still_reads(tmp_path):
+    """SIGKILL takes wandb's service down with the job, before it wrote more than a file header
+    (what a killed attempt holds is up to wandb). Resumed, the run's wandb mirror still reads as
+    one run: the empty attempt is skipped, and the resumed attempt's rows match the run folder
+    from the checkpoint on."""
+    import signal
+
+    from icsk.report.wandb_source import history_to_metrics
+    from icsk.store import read_metrics
+
+    root = Path(__file__).resolve().parents[1]
+    args = [sys.executable, str(root / "scripts" / "train.py"), "experiment=demo", "logger=wandb", "logger.mode=offline",
+            "train.progress=false", "train.steps=20", "train.log_every=5", "train.eval_every=10",
+            "train.checkpoint_every=10", "recorder=none", f"hydra.run.dir={tmp_path}"]
+    env = {**os.environ, "ICSK_FAULT_KILL_AT_STEP": "10"}  # killed as the loop comes round after the checkpoint
+    killed = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = subprocess.run([*args, "resume=true"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(find_run_files(tmp_path)) == 2
+    wb = read_offline_run(tmp_path, wait=30)
+    assert wb["exit_code"] == 0 and wb["project"] == "icsk"
+    got = history_to_metrics(wb["history_rows"])
+    want = read_metrics(tmp_path)
+    for metric in ("loss", "test_loss"):
+        g = got[(got.metric == metric) & (got.step > 10)].sort_values(["arm", "step"])
+        w = want[(want.metric == metric) & (want.step > 10)].sort_values(["arm", "step"])
+        assert len(g) > 0 and g.step.tolist() == w.step.tolist() and g.arm.tolist() == w.arm.tolist(), metric
+        np.testing.assert_allclose(g.value, w.value, rtol=1e-6)
