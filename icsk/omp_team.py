@@ -9,7 +9,7 @@ exactly as torch's own parallel regions do (measured: the staged reductions of t
 benchmark take 3.1 instead of 5.3 µs per layer and step on 2 cores; reports/benchmarks.md).
 
 :func:`torch_team` finds that runtime (Linux, torch built with OpenMP) and proves it is the one
-torch uses: a thread count set through torch must show in it. Anywhere else it returns None
+torch uses: a thread count set in it must show through torch. Anywhere else it returns None
 and callers run their kernel serially. ``ICSK_OMP_TEAM=0`` turns it off.
 """
 
@@ -55,15 +55,18 @@ def _mapped_runtimes() -> list[str]:
 
 
 def _is_torchs(lib: ctypes.CDLL) -> bool:
-    """Whether a thread count set through torch shows in ``lib`` (then torch runs on it)."""
-    get = lib.omp_get_max_threads
+    """Whether ``lib`` is the runtime torch runs on: a thread count set in it must show through
+    torch (set back at once; nothing else, such as MKL's count, is touched)."""
+    get, put = lib.omp_get_max_threads, lib.omp_set_num_threads
     get.argtypes, get.restype = [], ctypes.c_int
-    n = torch.get_num_threads()
-    torch.set_num_threads(n + 1)
+    put.argtypes, put.restype = [ctypes.c_int], None
+    before = get()
+    probe = torch.get_num_threads() + 1
+    put(probe)
     try:
-        return get() == n + 1
+        return torch.get_num_threads() == probe
     finally:
-        torch.set_num_threads(n)
+        put(before)
 
 
 @functools.cache

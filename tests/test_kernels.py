@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
 import threading
 
 import numpy as np
@@ -396,14 +398,20 @@ def test_a_runtime_torch_does_not_use_is_not_taken():
     would spin beside torch's: it is refused because a count set through torch does not show there."""
     from icsk import omp_team
 
-    class Other:
-        @staticmethod
-        def omp_get_max_threads():
-            return 2
+    class Other:  # a runtime with a thread count of its own
+        def __init__(self):
+            self.omp_get_max_threads = lambda: self.n
+            self.omp_set_num_threads = lambda n: setattr(self, "n", n)
+            self.n = 7
 
     before = torch.get_num_threads()
-    assert not omp_team._is_torchs(Other())
-    assert torch.get_num_threads() == before
+    other = Other()
+    assert not omp_team._is_torchs(other)
+    assert torch.get_num_threads() == before and other.n == 7  # both counts as they were
+    team = omp_team.torch_team()
+    if team is not None:  # the one found is torch's, and proving it changed nothing
+        lib = ctypes.CDLL(team.path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+        assert omp_team._is_torchs(lib) and torch.get_num_threads() == before
 
 
 def test_the_team_can_be_turned_off(monkeypatch):
