@@ -112,38 +112,45 @@ def _no_match_message(sel: Any, names: list[str]) -> str:
 
 def _chunk_table(batches: list) -> pa.Table:
     """One parquet chunk from (layer, mode, steps, counts, results) batches; results may be
-    futures of the reducer thread and device tensors (moved to the host here, once)."""
-    steps_col: list[np.ndarray] = []
-    values: list[np.ndarray] = []  # [rows, width] blocks
-    labels: dict[str, dict[str, int]] = {"mode": {}, "layer": {}, "stat": {}}
-    codes: dict[str, list[np.ndarray]] = {k: [] for k in labels}
-
-    def add(steps: np.ndarray, arr: np.ndarray, **ids: str) -> None:
-        steps_col.append(steps)
-        values.append(arr)
-        for key, val in ids.items():  # label codes: no Python string object per row
-            code = labels[key].setdefault(val, len(labels[key]))
-            codes[key].append(np.full(len(steps), code, dtype=np.int32))
-
+    futures of the reducer thread and device tensors (moved to the host here, once). Every
+    statistic's values are copied once, straight into the chunk's flat values buffer."""
     batches = [(*b[:4], [r.result() if isinstance(r, Future) else r for r in b[4]]) for b in batches]
     # results may come from other CUDA streams (the hooks' ones): let them finish before copying
     for device in {t.device for b in batches for r in b[4] for t in r.values() if t.is_cuda}:
         torch.cuda.synchronize(device)
+    blocks = []  # (steps, parts of one statistic [k, width] each, or counts [rows, 1], ids)
     for layer, mode, steps, counts, results in batches:
         steps = np.asarray(steps, dtype=np.int64)
         for stat in results[0]:
-            parts = [r[stat] for r in results]
-            if len({t.device for t in parts}) > 1:  # the model moved to another device within this chunk
-                parts = [t.cpu() for t in parts]
-            arr = torch.cat(parts).cpu().numpy().astype(np.float32, copy=False)
-            add(steps, arr.reshape(len(steps), -1), mode=mode, layer=layer, stat=stat)
-        add(steps, np.asarray(counts, dtype=np.float32).reshape(-1, 1), mode=mode, layer=layer, stat="count")
-    widths = np.concatenate([np.full(a.shape[0], a.shape[1], dtype=np.int64) for a in values])
-    offsets = np.concatenate([[0], np.cumsum(widths)])
-    flat = np.concatenate([a.reshape(-1) for a in values])
-    table = {"step": pa.array(np.concatenate(steps_col))}
+            blocks.append((steps, [r[stat] for r in results], (mode, layer, stat)))
+        blocks.append((steps, [torch.as_tensor(np.asarray(counts, dtype=np.float32)).reshape(-1, 1)],
+                       (mode, layer, "count")))
+    widths = [parts[0].numel() // max(1, parts[0].shape[0]) for _, parts, _ in blocks]  # values per row
+    rows = sum(len(b[0]) for b in blocks)
+    flat = np.empty(sum(len(b[0]) * w for b, w in zip(blocks, widths, strict=True)), dtype=np.float32)
+    out = torch.from_numpy(flat)
+    row_widths = np.empty(rows, dtype=np.int64)
+    labels: dict[str, dict[str, int]] = {"mode": {}, "layer": {}, "stat": {}}
+    codes = {key: np.empty(rows, dtype=np.int32) for key in labels}
+    at = row = 0
+    for (steps, parts, ids), width in zip(blocks, widths, strict=True):
+        n = len(steps)
+        dest = out[at:at + n * width].view(n, width)
+        parts = [t.reshape(-1, width) for t in parts]
+        devices = {t.device for t in parts}
+        if devices == {torch.device("cpu")}:
+            torch.cat(parts, out=dest)
+        else:  # one transfer per statistic; parts on several devices when the model moved within the chunk
+            dest.copy_(torch.cat(parts) if len(devices) == 1 else torch.cat([t.cpu() for t in parts]))
+        row_widths[row:row + n] = width
+        for key, val in zip(labels, ids, strict=True):  # label codes: no Python string object per row
+            codes[key][row:row + n] = labels[key].setdefault(val, len(labels[key]))
+        at += n * width
+        row += n
+    offsets = np.concatenate([[0], np.cumsum(row_widths)])
+    table = {"step": pa.array(np.concatenate([b[0] for b in blocks]))}
     for key, names in labels.items():
-        table[key] = pa.DictionaryArray.from_arrays(np.concatenate(codes[key]), list(names)).cast(pa.string())
+        table[key] = pa.DictionaryArray.from_arrays(codes[key], list(names)).cast(pa.string())
     table["values"] = values_column(flat, offsets)
     return pa.table(table)
 
