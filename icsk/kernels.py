@@ -8,7 +8,8 @@ mean, var, min, max, frac_sat, frac_zero, nonfinite and the histogram together (
 the same tensor; see reports/benchmarks.md). It takes units in groups whose rows of one sample
 (a row is one sample's S spatial values) are adjacent in memory, about 32 KB, and walks the
 samples: the reads stream, where a row at a time jumped a page per row and ran at a third of
-the speed. Groups are split across threads. Every statistic is a loop over a row that LLVM
+the speed. Groups are shared out across torch's OpenMP team (:mod:`icsk.omp_team`; numba's own
+threads where there is none). Every statistic is a loop over a row that LLVM
 vectorises, except the histogram's counting, which goes to eight sub-histograms in turn so that
 neighbouring values rarely wait on the same counter (one, for units with fewer values than that
 has counters). A finite row sum proves a row free of NaN and inf, so values are checked one by
@@ -53,7 +54,8 @@ import numpy as np
 MIN_ROW = 2  # rows (spatial positions per sample) shorter than this stay on the torch path (or go to scan_lanes)
 MAX_NETWORK_ROWS = 256  # scan_lanes sorts up to this many values per unit with a network
 _LANE_BLOCK = 512  # lanes per block: N x 512 float32 values stay in L2
-_WORKER_ARGS = 20  # int64 values scan_lanes packs for the parallel lanes kernel
+_LANE_SIZES, _LANE_ARRAYS = 9, 9  # what scan_lanes hands _lane_worker (see _on_team)
+_UNIT_SIZES, _UNIT_ARRAYS = 7, 6  # what scan hands _unit_worker
 _GROUP_VALUES = 8192  # scan reads about this many adjacent values (32 KB) of one sample at a time
 _GROUP_HIST_BYTES = 256 * 1024  # at most this much sub-histogram memory per group
 _parallel_lock = threading.Lock()  # numba's default threading layer must not run two parallel kernels at once
@@ -367,11 +369,11 @@ if numba is not None:
         @cfunc(types.void(types.voidptr), cache=True)
         def _lane_worker(data):  # pragma: no cover - compiled
             """One thread's share of a parallel :func:`scan_lanes`, for ``GOMP_parallel``: ``data``
-            is the int64 array scan_lanes packs (sizes, then addresses: the arrays, then the
-            block counter at ``a[19]``); each thread takes the next lane block from the counter
-            until none is left (blocks are disjoint lanes of ``res`` and ``hist``, so threads
-            never write the same value)."""
-            a = carray(data, (_WORKER_ARGS,), dtype=np.int64)
+            is the int64 array :func:`_on_team` packs (sizes, addresses of the arrays, the
+            counter's); each thread takes the next lane block from the counter until none is
+            left (blocks are disjoint lanes of ``res`` and ``hist``, so threads never write the
+            same value)."""
+            a = carray(data, (_LANE_SIZES + _LANE_ARRAYS + 2,), dtype=np.int64)
             K, N, C, kb, P, nq, lanes, hw, nbins = a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8]
             x = carray(_address(a[9]), (K, N, C), dtype=np.float32)
             comps = carray(_address(a[10]), (P, 2), dtype=np.int64)
@@ -391,6 +393,33 @@ if numba is not None:
                 b = _fetch_add(a[18])
 
         return _lane_worker.address
+
+    @functools.cache
+    def _unit_worker_address() -> int:
+        """Address of the compiled :func:`_unit_worker` (compiled or loaded on first use)."""
+
+        @cfunc(types.void(types.voidptr), cache=True)
+        def _unit_worker(data):  # pragma: no cover - compiled
+            """One thread's share of a parallel :func:`scan` on torch's OpenMP team: the next
+            group of units (of one stacked step) from the shared counter until none is left
+            (groups write disjoint units)."""
+            a = carray(data, (_UNIT_SIZES + _UNIT_ARRAYS + 2,), dtype=np.int64)
+            K, N, C, S, group, nsub, nbins = a[0], a[1], a[2], a[3], a[4], a[5], a[6]
+            x = carray(_address(a[7]), (K, N, C, S), dtype=np.float32)
+            flags = carray(_address(a[8]), (5,), dtype=np.int64)
+            moments = carray(_address(a[9]), (K, C, 2), dtype=np.float32)
+            extra = carray(_address(a[10]), (K, C, 5), dtype=np.float32)
+            hist = carray(_address(a[11]), (K, C, nbins + 2), dtype=np.float32)
+            par = carray(_address(a[12]), (4,), dtype=np.float32)  # origin, scale, sat, eps
+            per_step = -(-C // group)
+            j = _fetch_add(a[13])
+            while j < K * per_step:
+                c0 = (j % per_step) * group
+                _units(x, j // per_step, c0, min(c0 + group, C), nsub, flags, par[0], par[1], nbins, par[2], par[3],
+                       moments, extra, hist)
+                j = _fetch_add(a[13])
+
+        return _unit_worker.address
 
 
 COMPILE_NOTICE_S = 2.0  # a first call that takes longer than this is compiling: say so
@@ -447,24 +476,33 @@ def scan(x: np.ndarray, *, min_max: bool, sat: float | None, zero_eps: float | N
     ``nonfinite``, ``hist``), each [K, C] float32 (``hist``: [K, C, B+2] with underflow and
     overflow bins). ``hist`` is ``(origin, scale, B)``: value v falls in bin
     ``clamp(int((v - origin) * scale), 0, B+1)`` computed in float32. ``threads`` > 1 splits
-    units across numba threads (one parallel kernel at a time per process)."""
+    unit groups across torch's OpenMP team when called from the thread that runs torch's ops
+    (:mod:`icsk.omp_team`), else across numba's threads (one such kernel at a time per process)."""
     _require_numba()
     K, N, C, S = x.shape
     nbins = hist[2] if hist is not None else 0
     moments = np.empty((K, C, 2), np.float32)
     extra = np.empty((K, C, 5), np.float32)
     counts = np.empty((K, C, nbins + 2), np.float32)
-    threads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
+    threads = max(1, int(threads))
     group = min(_GROUP_VALUES // S, -(-K * C // (2 * threads)))  # about two groups per thread or more
     # eight sub-histograms per unit, or one when a unit has fewer values than eight would have counters
     nsub = 8 if N * S >= 8 * (nbins + 3) else 1  # _units handles exactly these two values
     if hist is not None:  # keep a group's int64 sub-histograms within L2
         group = min(group, _GROUP_HIST_BYTES // (8 * nsub * (nbins + 3)))
     group = max(1, group)
-    args = (x, group, nsub, *_kernel_args(min_max, sat, zero_eps, nonfinite, hist), moments, extra, counts)
-    if threads > 1 and _parallel_lock.acquire(blocking=False):
+    kargs = _kernel_args(min_max, sat, zero_eps, nonfinite, hist)
+    args = (x, group, nsub, *kargs, moments, extra, counts)
+    groups = K * -(-C // group)
+    team = _team_for(threads, groups, x)
+    if team is not None:
+        flags, origin, scale, nbins, sat_, eps_ = kargs
+        params = np.array([origin, scale, sat_, eps_], np.float32)
+        _on_team(team, _call(_unit_worker_address), min(threads, groups), (K, N, C, S, group, nsub, nbins),
+                 (x, flags.astype(np.int64), moments, extra, counts, params))
+    elif threads > 1 and _parallel_lock.acquire(blocking=False):  # no team found: numba's own threads
         try:
-            numba.set_num_threads(threads)
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
             _call(_scan_parallel, *args)
         finally:
             _parallel_lock.release()
@@ -560,11 +598,8 @@ def scan_lanes(x: np.ndarray, *, quantiles: tuple[float, ...], min_max: bool, sa
     team = _team_for(threads, nb, x)
     if team is not None:
         params = np.array([origin, scale, sat_, eps_], np.float32)
-        arrays = (x, comps, lo, hi, frac, flags.astype(np.int64), res, counts, params)
-        args = np.array([K, N, C, kb, len(comps), len(lo), lanes, counts.shape[1], nbins,
-                         *(a.ctypes.data for a in arrays), 0, 0], np.int64)
-        args[18] = args.ctypes.data + 8 * 19  # the block counter's address
-        team.run(_call(_lane_worker_address), args.ctypes.data, min(threads, nb))  # the arrays outlive it
+        _on_team(team, _call(_lane_worker_address), min(threads, nb), (K, N, C, kb, len(comps), len(lo), lanes,
+                 counts.shape[1], nbins), (x, comps, lo, hi, frac, flags.astype(np.int64), res, counts, params))
     else:
         _call(_scan_lane_blocks, x, kb, comps, lo, hi, frac, flags, origin, scale, nbins, sat_, eps_, res, counts)
     n = K * C
@@ -577,13 +612,23 @@ def scan_lanes(x: np.ndarray, *, quantiles: tuple[float, ...], min_max: bool, sa
     return out
 
 
-def _team_for(threads: int, blocks: int, x: np.ndarray):
-    """torch's OpenMP team for a parallel lanes kernel, or None to run it serially."""
-    if threads < 2 or blocks < 2 or not x.flags.c_contiguous:
+def _team_for(threads: int, items: int, x: np.ndarray):
+    """torch's OpenMP team for a parallel kernel over ``items`` work items of ``x``, or None."""
+    if threads < 2 or items < 2 or not x.flags.c_contiguous:
         return None
     from .omp_team import torch_team  # (imports this module)
 
     return torch_team()
+
+
+def _on_team(team, worker: int, threads: int, sizes: tuple[int, ...], arrays: tuple[np.ndarray, ...]) -> None:
+    """Run the compiled ``worker`` on ``threads`` threads of ``team``. Its ``data`` is an int64
+    array: ``sizes``, the addresses of ``arrays`` (C-contiguous, alive until this returns), the
+    address of the work counter that follows, and the counter (0)."""
+    n = len(sizes) + len(arrays)
+    args = np.array([*sizes, *(a.ctypes.data for a in arrays), 0, 0], np.int64)
+    args[n] = args.ctypes.data + 8 * (n + 1)
+    team.run(worker, args.ctypes.data, threads)
 
 
 def _lane_blocks(K: int, C: int) -> tuple[int, int]:

@@ -10,7 +10,8 @@ benchmark take 3.1 instead of 5.3 µs per layer and step on 2 cores; reports/ben
 
 :func:`torch_team` finds that runtime (Linux, torch built with OpenMP) and proves it is the one
 torch uses: a thread count set in it must show through torch. Anywhere else it returns None
-and callers run their kernel serially. ``ICSK_OMP_TEAM=0`` turns it off.
+and callers run their kernel another way (the lanes kernel serially, the conv kernel on numba's
+threads). ``ICSK_OMP_TEAM=0`` turns it off.
 """
 
 from __future__ import annotations

@@ -370,6 +370,27 @@ def test_lanes_kernel_on_torchs_team_matches_it_serially(monkeypatch, shape):
         np.testing.assert_array_equal(parallel[stat], serial[stat], err_msg=stat)
 
 
+
+@pytest.mark.parametrize("shape", [(2, 5, 11, 64), (3, 2, 7, 1024), (1, 40, 64, 16), (2, 9, 13, 2)])
+def test_conv_kernel_on_torchs_team_matches_it_serially(monkeypatch, shape):
+    """The fused conv kernel's unit groups shared out on torch's team: the same values as the
+    serial kernel, bit for bit (histograms, NaN and inf included)."""
+    team = _team_or_skip()
+    calls = []
+    run = type(team).run
+    monkeypatch.setattr(type(team), "run", lambda self, *a: (calls.append(a[2]), run(self, *a))[1])
+    x = np.ascontiguousarray(awkward(*shape, seed=9).numpy())
+    before = x.copy()
+    kw = dict(min_max=True, sat=1.5, zero_eps=1e-6, nonfinite=True,
+              hist=Reducer(StatSpec(hist_bins=BINS))._hist_transform(EDGES))
+    serial = kernels.scan(x, **kw, threads=1)
+    assert calls == []
+    parallel = kernels.scan(x, **kw, threads=2)
+    assert calls == [2]
+    np.testing.assert_array_equal(x, before)
+    for stat in serial:
+        np.testing.assert_array_equal(parallel[stat], serial[stat], err_msg=stat)
+
 def test_reducer_on_the_training_thread_uses_torchs_team(monkeypatch):
     """Reducer() (threads from torch) borrows the team for dense layers; Reducer(threads=1), the
     reducer thread's, never does; both give the float64 reference's quantiles."""
