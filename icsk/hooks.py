@@ -727,7 +727,8 @@ class Recorder:
         if k == 0:
             return
         st = state.stage
-        if st.device.type == "cpu" and not spare_core():  # no core for the reducer thread: reduce here
+        inline = st.device.type == "cpu" and not spare_core()  # no core for the reducer thread: reduce here
+        if inline:
             fut = done_future(self._reducer.reduce_staged, st[:k], state.edges)
         else:
             fut = self._reduce_pool.submit(_on_stream, _stream_of(st.device), self._stage_reducer.reduce_staged,
@@ -736,8 +737,9 @@ class Recorder:
         state.steps.extend(state.stage_steps)
         state.counts.extend([st.shape[1] * st.shape[3]] * k)
         state.stage_steps = []
-        state.pending[state.active] = fut
-        state.switch(1 - state.active)
+        if not inline:  # (reduced here, the buffer is free again at once: one buffer stays in the cache)
+            state.pending[state.active] = fut
+            state.switch(1 - state.active)
 
     @staticmethod
     def _await_buffer(state: _LayerState) -> None:
