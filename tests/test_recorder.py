@@ -141,11 +141,16 @@ def test_staged_cpu_layers_are_reduced_on_a_spare_core_else_on_the_training_thre
     for reducer in (rec._reducer, rec._stage_reducer):
         monkeypatch.setattr(reducer, "reduce_staged", (lambda f: lambda *a: (threads.append(threading.current_thread()),
                                                                             f(*a))[1])(reducer.reduce_staged))
+    filled = []  # which staging buffer each step went into
     with rec:
         for _ in range(10):
+            state = rec._states.get(("1", "train"))
+            filled.append(state.active if state else 0)
             model(torch.randn(40, 12))
             rec.step()
     assert len(rec._states[("1", "train")].buffers) == 2  # staged, four steps a buffer
+    # one buffer fills while the reducer thread works on the other; reduced at once, it is free again
+    assert filled == ([0] * 4 + [1] * 4 + [0] * 2 if spare else [0] * 10)
     assert len(threads) == 3  # two full buffers, and the half-full one at exit
     on_training_thread = [t is threading.current_thread() for t in threads]
     assert on_training_thread == [not spare] * 3
