@@ -440,8 +440,7 @@ class Recorder:
         self._entered = False
         self.remove()
         try:
-            self.flush(wait=True)
-            self._writer.sync()
+            self.flush(wait=True, sync=True)
             _open.discard(self)  # (an interrupted flush is tried again at exit)
         finally:
             self._lease.release()
@@ -769,13 +768,15 @@ class Recorder:
         if self._pending_steps >= self.flush_every or self._pending_steps * self._step_bytes >= self.flush_bytes:
             self._flush()
 
-    def flush(self, wait: bool = False) -> None:
+    def flush(self, wait: bool = False, sync: bool = False) -> None:
         """Reduce staged activations and write every pending result as one parquet chunk
         (in a background thread; ``wait=True`` returns once it is in the run folder, where any
-        process can read it and a crash of this one cannot lose it; :meth:`close` also puts it
-        on the disk itself)."""
+        process can read it and a crash of this one cannot lose it; ``sync=True`` also puts
+        every chunk and ``recorder.json`` on the disk itself, as :meth:`close` does)."""
         self._flush()
-        if wait:
+        if sync:
+            self._writer.sync(also=[self.stats_dir / "recorder.json"])
+        elif wait:
             self._writer.wait()
 
     def _flush(self) -> None:

@@ -56,6 +56,7 @@ MAX_NETWORK_ROWS = 256  # scan_lanes sorts up to this many values per unit with 
 _LANE_BLOCK = 512  # lanes per block: N x 512 float32 values stay in L2
 _LANE_SIZES, _LANE_ARRAYS = 9, 9  # what scan_lanes hands _lane_worker (see _on_team)
 _UNIT_SIZES, _UNIT_ARRAYS = 7, 6  # what scan hands _unit_worker
+_TEAM_SLOTS = 3  # after those: the work counter's address, the counter, the count of finished items
 _GROUP_VALUES = 8192  # scan reads about this many adjacent values (32 KB) of one sample at a time
 _GROUP_HIST_BYTES = 256 * 1024  # at most this much sub-histogram memory per group
 _parallel_lock = threading.Lock()  # numba's default threading layer must not run two parallel kernels at once
@@ -373,7 +374,7 @@ if numba is not None:
             counter's); each thread takes the next lane block from the counter until none is
             left (blocks are disjoint lanes of ``res`` and ``hist``, so threads never write the
             same value)."""
-            a = carray(data, (_LANE_SIZES + _LANE_ARRAYS + 2,), dtype=np.int64)
+            a = carray(data, (_LANE_SIZES + _LANE_ARRAYS + _TEAM_SLOTS,), dtype=np.int64)
             K, N, C, kb, P, nq, lanes, hw, nbins = a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8]
             x = carray(_address(a[9]), (K, N, C), dtype=np.float32)
             comps = carray(_address(a[10]), (P, 2), dtype=np.int64)
@@ -390,6 +391,7 @@ if numba is not None:
             while b < nb:
                 _lane_block(x, b, kb, comps, qlo, qhi, qfrac, flags, par[0], par[1], nbins, par[2], par[3], res, hist,
                             blk, sums, counts)
+                _fetch_add(a[18] + 8)  # one more block done
                 b = _fetch_add(a[18])
 
         return _lane_worker.address
@@ -403,7 +405,7 @@ if numba is not None:
             """One thread's share of a parallel :func:`scan` on torch's OpenMP team: the next
             group of units (of one stacked step) from the shared counter until none is left
             (groups write disjoint units)."""
-            a = carray(data, (_UNIT_SIZES + _UNIT_ARRAYS + 2,), dtype=np.int64)
+            a = carray(data, (_UNIT_SIZES + _UNIT_ARRAYS + _TEAM_SLOTS,), dtype=np.int64)
             K, N, C, S, group, nsub, nbins = a[0], a[1], a[2], a[3], a[4], a[5], a[6]
             x = carray(_address(a[7]), (K, N, C, S), dtype=np.float32)
             flags = carray(_address(a[8]), (5,), dtype=np.int64)
@@ -417,6 +419,7 @@ if numba is not None:
                 c0 = (j % per_step) * group
                 _units(x, j // per_step, c0, min(c0 + group, C), nsub, flags, par[0], par[1], nbins, par[2], par[3],
                        moments, extra, hist)
+                _fetch_add(a[13] + 8)  # one more group done
                 j = _fetch_add(a[13])
 
         return _unit_worker.address
@@ -458,6 +461,11 @@ def _require_numba() -> None:
         raise RuntimeError("fused kernels unavailable: install numba (pip install numba) or unset ICSK_FUSED=0")
 
 
+def _require_values(per_unit: int) -> None:
+    if per_unit < 1:
+        raise ValueError("a statistic needs at least one value per unit; got an empty batch")
+
+
 def _kernel_args(min_max: bool, sat: float | None, zero_eps: float | None, nonfinite: bool,
                  hist: tuple[float, float, int] | None) -> tuple:
     """``(flags, origin, scale, nbins, sat, eps)`` as the kernels take them; a statistic not
@@ -480,6 +488,7 @@ def scan(x: np.ndarray, *, min_max: bool, sat: float | None, zero_eps: float | N
     (:mod:`icsk.omp_team`), else across numba's threads (one such kernel at a time per process)."""
     _require_numba()
     K, N, C, S = x.shape
+    _require_values(N * S)
     nbins = hist[2] if hist is not None else 0
     moments = np.empty((K, C, 2), np.float32)
     extra = np.empty((K, C, 5), np.float32)
@@ -498,7 +507,7 @@ def scan(x: np.ndarray, *, min_max: bool, sat: float | None, zero_eps: float | N
     if team is not None:
         flags, origin, scale, nbins, sat_, eps_ = kargs
         params = np.array([origin, scale, sat_, eps_], np.float32)
-        _on_team(team, _call(_unit_worker_address), min(threads, groups), (K, N, C, S, group, nsub, nbins),
+        _on_team(team, _call(_unit_worker_address), min(threads, groups), groups, (K, N, C, S, group, nsub, nbins),
                  (x, flags.astype(np.int64), moments, extra, counts, params))
     elif threads > 1 and _parallel_lock.acquire(blocking=False):  # no team found: numba's own threads
         try:
@@ -586,6 +595,7 @@ def scan_lanes(x: np.ndarray, *, quantiles: tuple[float, ...], min_max: bool, sa
     torch's ops, whose team it borrows."""
     _require_numba()
     K, N, C = x.shape
+    _require_values(N)
     if N > MAX_NETWORK_ROWS:
         raise ValueError(f"scan_lanes sorts at most {MAX_NETWORK_ROWS} values per unit, got {N}")
     kb, nb = _lane_blocks(K, C)
@@ -598,7 +608,7 @@ def scan_lanes(x: np.ndarray, *, quantiles: tuple[float, ...], min_max: bool, sa
     team = _team_for(threads, nb, x)
     if team is not None:
         params = np.array([origin, scale, sat_, eps_], np.float32)
-        _on_team(team, _call(_lane_worker_address), min(threads, nb), (K, N, C, kb, len(comps), len(lo), lanes,
+        _on_team(team, _call(_lane_worker_address), min(threads, nb), nb, (K, N, C, kb, len(comps), len(lo), lanes,
                  counts.shape[1], nbins), (x, comps, lo, hi, frac, flags.astype(np.int64), res, counts, params))
     else:
         _call(_scan_lane_blocks, x, kb, comps, lo, hi, frac, flags, origin, scale, nbins, sat_, eps_, res, counts)
@@ -614,21 +624,27 @@ def scan_lanes(x: np.ndarray, *, quantiles: tuple[float, ...], min_max: bool, sa
 
 def _team_for(threads: int, items: int, x: np.ndarray):
     """torch's OpenMP team for a parallel kernel over ``items`` work items of ``x``, or None."""
-    if threads < 2 or items < 2 or not x.flags.c_contiguous:
+    if threads < 2 or items < 2 or not x.flags.c_contiguous or x.dtype != np.float32:  # (what the workers read)
         return None
     from .omp_team import torch_team  # (imports this module)
 
     return torch_team()
 
 
-def _on_team(team, worker: int, threads: int, sizes: tuple[int, ...], arrays: tuple[np.ndarray, ...]) -> None:
-    """Run the compiled ``worker`` on ``threads`` threads of ``team``. Its ``data`` is an int64
-    array: ``sizes``, the addresses of ``arrays`` (C-contiguous, alive until this returns), the
-    address of the work counter that follows, and the counter (0)."""
+def _on_team(team, worker: int, threads: int, items: int, sizes: tuple[int, ...], arrays: tuple[np.ndarray, ...]) -> None:
+    """Run the compiled ``worker`` on ``threads`` threads of ``team`` over ``items`` work items.
+    Its ``data`` is an int64 array: ``sizes``, the addresses of ``arrays`` (C-contiguous, alive
+    until this returns), the address of the work counter that follows, the counter (0) and the
+    count of finished items, which must reach ``items``: an error inside a compiled callback is
+    printed, not raised, and would otherwise leave results unwritten."""
     n = len(sizes) + len(arrays)
-    args = np.array([*sizes, *(a.ctypes.data for a in arrays), 0, 0], np.int64)
+    args = np.array([*sizes, *(a.ctypes.data for a in arrays), 0, 0, 0], np.int64)
     args[n] = args.ctypes.data + 8 * (n + 1)
     team.run(worker, args.ctypes.data, threads)
+    if args[n + 2] != items:
+        raise RuntimeError(f"icsk: a CPU statistics kernel stopped after {args[n + 2]} of {items} work items on "
+                           "torch's OpenMP team (its error is printed above); set ICSK_OMP_TEAM=0 to run it without "
+                           "the team and see the error raised")
 
 
 def _lane_blocks(K: int, C: int) -> tuple[int, int]:

@@ -58,6 +58,8 @@ def _mapped_runtimes() -> list[str]:
 def _is_torchs(lib: ctypes.CDLL) -> bool:
     """Whether ``lib`` is the runtime torch runs on: a thread count set in it must show through
     torch (set back at once; nothing else, such as MKL's count, is touched)."""
+    # (torch sets its count on this thread up first: _find_team asked torch for its parallel_info,
+    # so ``before`` is torch's count here, not the runtime's default)
     get, put = lib.omp_get_max_threads, lib.omp_set_num_threads
     get.argtypes, get.restype = [], ctypes.c_int
     put.argtypes, put.restype = [ctypes.c_int], None

@@ -17,7 +17,8 @@ Folders written with the older ``list<float32>`` column read the same.
 
 Every chunk is written to a temporary file and renamed, so a killed process leaves whole
 chunks only; ``load_run`` reads finished and interrupted folders alike. Chunks are synced to
-the disk at the end of a run (:meth:`ChunkWriter.sync`), not one by one while training waits.
+the disk at checkpoints and at the end of a run (:meth:`ChunkWriter.sync`), not one by one while
+training waits.
 """
 
 from __future__ import annotations
@@ -73,6 +74,20 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
     os.replace(tmp, path)
+
+
+def fsync_files(paths: Iterable[str | os.PathLike], folders: Iterable[str | os.PathLike] = ()) -> None:
+    """Put files on the disk itself (``fsync``), then the folders holding their names; files or
+    folders deleted meanwhile are skipped."""
+    for path in [*paths, *folders]:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -171,8 +186,9 @@ class ChunkWriter:
         ``before`` a function run just before writing (e.g. a sidecar the chunk relies on)."""
         if self._next is None:
             self.folder.mkdir(parents=True, exist_ok=True)
-            existing = [int(m.group(1)) for p in self.folder.glob(CHUNK_GLOB) if (m := _CHUNK_RE.search(p.name))]
-            self._next = max(existing, default=-1) + 1
+            found = {int(m.group(1)): p for p in self.folder.glob(CHUNK_GLOB) if (m := _CHUNK_RE.search(p.name))}
+            self._next = max(found, default=-1) + 1
+            self._unsynced.extend(found.values())  # an earlier attempt's (killed: maybe never synced)
         path = self.folder / f"chunk-{self._next:06d}.parquet"
         self._next += 1
         if self._pool is None:
@@ -206,24 +222,16 @@ class ChunkWriter:
             if pending.done():  # an interrupted wait keeps it, so close() still waits for it
                 self._pending = None
 
-    def sync(self) -> None:
-        """Wait for the chunks in flight, then put every chunk written so far on the disk itself
-        (``fsync``, then the folder's, which holds their names): for the end of a run."""
+    def sync(self, also: Iterable[str | os.PathLike] = ()) -> None:
+        """Wait for the chunks in flight, then put every chunk written since the last sync on
+        the disk itself, with the files ``also`` (a sidecar written with them), then the folder,
+        which holds their names: for the end of a run and for checkpoints, which count chunks."""
         self.wait()
         done, self._unsynced = self._unsynced, []
+        if not done:
+            return
         try:
-            for path in done:
-                try:
-                    with open(path, "rb") as f:
-                        os.fsync(f.fileno())
-                except FileNotFoundError:  # deleted meanwhile: nothing to keep
-                    continue
-            if done and self.folder.is_dir():
-                fd = os.open(self.folder, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            fsync_files([*done, *also], [self.folder])
         except BaseException:
             self._unsynced = done + self._unsynced  # tried again by the next sync
             raise
@@ -595,8 +603,13 @@ class MetricsWriter:
         if len(self._rows) >= self.flush_rows:
             self.flush()
 
-    def flush(self) -> None:
-        """Write buffered rows as one chunk."""
+    def flush(self, sync: bool = False) -> None:
+        """Write buffered rows as one chunk; ``sync`` then puts every chunk on the disk itself."""
+        self._write_rows()
+        if sync:
+            self._writer.sync()
+
+    def _write_rows(self) -> None:
         if not self._rows:
             return
         step, arm, metric, layer, value = zip(*self._rows, strict=True)
@@ -613,10 +626,6 @@ class MetricsWriter:
         )
         self._rows = []
 
-    def close(self) -> None:
-        """Write buffered rows and put every chunk on the disk itself (end of a run)."""
-        self.flush()
-        self._writer.sync()
 
 
 def read_metrics(run_dir: str | os.PathLike) -> pd.DataFrame:

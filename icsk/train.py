@@ -29,7 +29,7 @@ from torch import nn
 from .hooks import Recorder
 from .metrics.ics import RngSnapshot, forward_leaving_state
 from .schedule import Schedule
-from .store import MetricsWriter, chunk_files
+from .store import MetricsWriter, chunk_files, fsync_files
 
 LossFn = Callable[[nn.Module, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
 
@@ -89,9 +89,12 @@ class Checkpointer:
         return self.path.exists()
 
     def save(self, state: dict[str, Any]) -> None:
+        """Write the checkpoint whole and on the disk itself before it replaces the last one."""
         tmp = self.path.with_name(".checkpoint.pt.tmp")
         torch.save(state, tmp)
+        fsync_files([tmp])
         os.replace(tmp, self.path)
+        fsync_files([], [self.path.parent])
 
     def load(self) -> dict[str, Any]:
         return torch.load(self.path, map_location="cpu", weights_only=True)
@@ -215,8 +218,9 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Write every table (so a chunk boundary sits at this step) and save the state. The loss
         window still filling goes into the checkpoint, not into the metrics: checkpoints do not
-        change which steps the training loss is logged at."""
-        self._flush_tables()
+        change which steps the training loss is logged at. The chunks it counts are put on the
+        disk itself first, so that a power cut cannot leave a checkpoint counting lost chunks."""
+        self._flush_tables(sync=True)
         self.checkpointer.save(self.state_dict())
 
     def load_checkpoint(self) -> int:
@@ -253,11 +257,11 @@ class Trainer:
         self._log_losses()
         self._flush_tables()
 
-    def _flush_tables(self) -> None:
+    def _flush_tables(self, sync: bool = False) -> None:
         for a in self.arms:
             if a.recorder is not None:
-                a.recorder.flush(wait=True)
-        self.metrics.flush()
+                a.recorder.flush(wait=True, sync=sync)
+        self.metrics.flush(sync=sync)
 
     # ------------------------------------------------------------------ loop
     def run(self) -> None:
@@ -285,7 +289,7 @@ class Trainer:
                 if a.recorder is not None:
                     a.recorder.close()
             self._log_losses()
-            self.metrics.close()
+            self.metrics.flush(sync=True)
 
     def train_step(self, batch) -> None:
         """One step of every active arm on the same batch."""

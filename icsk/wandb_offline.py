@@ -194,12 +194,16 @@ def _read_run(path: str | Path, *, strict: bool) -> dict[str, Any]:
                              "pass one of their .wandb files")
     # one run id in several folders: the attempts of a resumed run (oldest first), read as one run
     parts = [_read_file(f, strict) for f in files]
-    # an attempt killed (SIGKILL) before wandb's service wrote its run record holds nothing: skipped
-    parts = [p for p in parts if p["run_id"] is not None] or parts[-1:]
-    if len({p["project"] for p in parts}) > 1:
+    # an earlier attempt killed (SIGKILL) before wandb's service wrote anything holds nothing:
+    # skipped. The last one stays (it may be starting: its exit code is not known yet)
+    parts = [p for i, p in enumerate(parts)
+             if p["run_id"] is not None or p["history_rows"] or i == len(parts) - 1]
+    if len({p["project"] for p in parts if p["project"] is not None}) > 1:
         raise WandbFileError(f"{path} holds runs of one id in different projects "
                              f"({', '.join(str(p['project']) for p in parts)}); pass one of their .wandb files")
-    out = parts[-1]
+    # what the run is (id, project, group, ...) from the last attempt that said; how it ended from the last one
+    out = {**next((p for p in reversed(parts) if p["run_id"] is not None), parts[-1]),
+           "exit_code": parts[-1]["exit_code"], "path": parts[-1]["path"]}
     if len(parts) > 1:
         rows = [row for p in parts for row in p["history_rows"]]
         config = {k: v for p in parts for k, v in p["config"].items()}

@@ -441,3 +441,30 @@ def test_the_team_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("ICSK_OMP_TEAM", "0")
     assert omp_team.torch_team() is None
     assert kernels._team_for(2, 5, np.zeros((3, 4, 5), np.float32)) is None
+
+
+def test_team_inputs_the_workers_cannot_read_run_serially_or_are_refused(monkeypatch):
+    """Workers read float32: other dtypes take the serial kernel (same values). An empty batch is
+    refused on both paths. A worker that leaves work undone raises instead of returning the
+    unwritten (uninitialised) results."""
+    from numba import cfunc, types
+
+    team = _team_or_skip()
+    calls = []
+    run = type(team).run
+    monkeypatch.setattr(type(team), "run", lambda self, *a: (calls.append(a[2]), run(self, *a))[1])
+    kw = dict(quantiles=QS, min_max=True, sat=1.5, zero_eps=1e-6, hist=None)
+    x64 = awkward_dense(20, 30, 100, seed=2).numpy()[..., 0].astype(np.float64)
+    got = kernels.scan_lanes(x64, **kw, threads=2)
+    assert calls == []
+    want = kernels.scan_lanes(x64.astype(np.float32), **kw, threads=1)
+    for stat in want:
+        np.testing.assert_allclose(got[stat], want[stat], rtol=1e-6, equal_nan=True, err_msg=stat)
+    with pytest.raises(ValueError, match="at least one value per unit"):
+        kernels.scan_lanes(np.zeros((20, 0, 100), np.float32), **kw, threads=2)
+    with pytest.raises(ValueError, match="at least one value per unit"):
+        kernels.scan(np.zeros((2, 0, 3, 16), np.float32), min_max=False, sat=None, zero_eps=None, nonfinite=True,
+                     hist=None, threads=2)
+    idle = cfunc(types.void(types.voidptr))(lambda data: None)  # takes no work item
+    with pytest.raises(RuntimeError, match="stopped after 0 of 3 work items.*ICSK_OMP_TEAM=0"):
+        kernels._on_team(team, idle.address, 2, 3, (1,), (np.zeros(1, np.float32),))

@@ -517,44 +517,60 @@ def test_signal_during_a_chunk_write_loses_no_chunk(tmp_path):
 
 
 
-def test_chunks_reach_the_disk_at_close_not_at_every_write(tmp_path, monkeypatch):
+def test_chunks_reach_the_disk_at_close_and_checkpoints_not_at_every_write(tmp_path, monkeypatch):
     """A chunk appears whole under its name (hidden file, then rename) without waiting for the
-    disk: training does not wait for fsync at every chunk. close() puts every chunk, and the
-    folder holding their names, on the disk; the run's metrics too, at the end of the job."""
+    disk: training does not wait for fsync at every chunk. close() puts every chunk, the
+    sidecar and the folder holding their names on the disk. A checkpoint counts chunks, so the
+    job syncs every chunk before writing one (a power cut must not leave a checkpoint counting
+    lost chunks), and the checkpoint itself before it replaces the last one."""
     import pyarrow.parquet as pq
 
     synced: list[str] = []
     real_fsync = os.fsync
+    unsynced_at_checkpoint: list[list[str]] = []
 
     def fsync(fd):
-        synced.append(os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else str(fd))
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if path.endswith(".checkpoint.pt.tmp"):
+            on_disk = [str(p.resolve()) for p in (tmp_path / "job").rglob("chunk-*.parquet")]
+            unsynced_at_checkpoint.append([p for p in on_disk if p not in synced])
+        synced.append(path)
         real_fsync(fd)
 
+    if not os.path.exists("/proc/self/fd"):
+        pytest.skip("needs /proc to name the files fsync is called on")
     monkeypatch.setattr(os, "fsync", fsync)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Sigmoid())
     rec = icsk.Recorder(model, layers=["1"], path=tmp_path / "rec", flush_every=2)
+    stats = (tmp_path / "rec" / "stats").resolve()
     with rec:
         for _ in range(5):
             model(torch.randn(8, 4))
             rec.step()
         rec.flush(wait=True)
-        chunks = sorted((tmp_path / "rec" / "stats").glob("chunk-*.parquet"))
+        chunks = sorted(stats.glob("chunk-*.parquet"))
         assert len(chunks) == 3 and synced == []
         assert len(icsk.load_run(tmp_path / "rec")) > 0  # readable before any fsync
         meta = pq.ParquetFile(chunks[0]).metadata.row_group(0)
         names = [meta.column(i).path_in_schema for i in range(meta.num_columns)]
         assert meta.column(names.index("step")).statistics.has_min_max  # row groups filter by step
         assert meta.column(names.index("values")).statistics is None  # (would cost a fifth of the write)
-    if os.path.exists("/proc/self/fd"):
-        assert sorted(synced) == sorted([str(p.resolve()) for p in chunks] + [str((tmp_path / "rec" / "stats").resolve())])
-    else:
-        assert len(synced) == 4
+    assert sorted(synced) == sorted([str(p) for p in chunks] + [str(stats / "recorder.json"), str(stats)])
     synced.clear()
     rec.close()  # idempotent: nothing new to sync
     assert synced == []
-    assert job(tmp_path / "job", steps=10)["status"] == "finished"
+    assert job(tmp_path / "job", "train.checkpoint_every=10", steps=30)["status"] == "finished"
+    assert len(unsynced_at_checkpoint) == 2 and unsynced_at_checkpoint == [[], []]
     assert any(s.endswith(os.path.join("job", "metrics")) for s in synced)
     assert any("metrics" in s and s.endswith(".parquet") for s in synced)
+    # a resumed writer syncs the chunks an earlier attempt left too (killed, it may never have)
+    synced.clear()
+    from icsk.store import ChunkWriter
+
+    writer = ChunkWriter(stats)
+    writer.write(pa.table({"step": [99]}))
+    writer.sync()
+    assert {str(p) for p in chunks} <= set(synced)
 
 def test_bad_inputs_get_clear_messages(tmp_path):
     with pytest.raises(ConfigError, match=r"batch_size=1.*batch_size>=2"):

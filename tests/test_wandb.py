@@ -283,6 +283,25 @@ def test_attempts_are_ordered_by_time_whether_offline_or_online(tmp_path):
         read_offline_run(tmp_path)
 
 
+
+def test_an_attempt_that_is_just_starting_keeps_the_run_unfinished(tmp_path):
+    """A resumed run's new attempt whose file holds only its header so far (wandb's service is
+    starting) is still the run's last attempt: the run reads as unfinished, with the first
+    attempt's identity and rows, not as finished with the first attempt's exit code."""
+    lg = WandbLogger(tmp_path, {"a": 1}, mode="offline", group="g")
+    lg.log(0, "bn", {"loss": 1.0})
+    lg.finish(exit_code=0)
+    first = read_offline_run(tmp_path, wait=30)
+    assert first["exit_code"] == 0
+    rid = first["run_id"]
+    d = tmp_path / "wandb" / f"offline-run-29990101_000000-{rid}"  # later than the first attempt
+    d.mkdir()
+    write_log(d / f"run-{rid}.wandb", [])
+    run = read_offline_run(tmp_path)
+    assert run["exit_code"] is None and len(run["attempts"]) == 2 and run["path"] == str(d / f"run-{rid}.wandb")
+    assert (run["run_id"], run["project"], run["group"]) == (rid, "icsk", "g")
+    assert [r["bn/loss"] for r in run["history_rows"] if "bn/loss" in r] == [1.0]
+
 def test_reader_refuses_ambiguous_folders(tmp_path):
     for rid in ("aaa", "bbb"):
         d = tmp_path / "wandb" / f"offline-run-20260101_000000-{rid}"
