@@ -348,57 +348,52 @@ def _team_or_skip():
     return team
 
 
-@pytest.mark.parametrize("shape", [(7, 60, 100), (64, 60, 100), (13, 37, 250), (100, 256, 7), (9, 2, 600)])
-def test_lanes_kernel_on_torchs_team_matches_it_serially(monkeypatch, shape):
-    """Split across torch's OpenMP threads, every statistic (histograms, NaN and inf included)
-    equals the serial kernel's bit for bit, and the parallel region really was started."""
+@pytest.fixture
+def team_runs(monkeypatch) -> list[int]:
+    """Thread counts of the parallel regions started on torch's team (skipped where there is none)."""
     team = _team_or_skip()
-    calls = []
+    runs: list[int] = []
     run = type(team).run
-    monkeypatch.setattr(type(team), "run", lambda self, *a: (calls.append(a[2]), run(self, *a))[1])
-    x = awkward_dense(*shape, seed=7).numpy()[..., 0]
+    monkeypatch.setattr(type(team), "run", lambda self, *a: (runs.append(a[2]), run(self, *a))[1])
+    return runs
+
+
+def _same_on_the_team_as_serially(kernel, x: np.ndarray, runs: list[int], **kw) -> None:
+    """``kernel`` on 2 threads of torch's team gives what it gives serially, bit for bit, and
+    leaves its input as it was; the parallel region really was started."""
     before = x.copy()
-    kw = dict(quantiles=(0.0, *QS, 1.0), min_max=True, sat=1.5, zero_eps=1e-6,
-              hist=Reducer(StatSpec(hist_bins=BINS))._hist_transform(EDGES))
-    serial = kernels.scan_lanes(x, **kw, threads=1)
-    assert calls == []
-    parallel = kernels.scan_lanes(x, **kw, threads=2)
-    assert calls == [2]
+    serial = kernel(x, **kw, threads=1)
+    assert runs == []
+    parallel = kernel(x, **kw, threads=2)
+    assert runs == [2]
     np.testing.assert_array_equal(x, before)
     assert serial.keys() == parallel.keys()
     for stat in serial:
         np.testing.assert_array_equal(parallel[stat], serial[stat], err_msg=stat)
 
 
+@pytest.mark.parametrize("shape", [(7, 60, 100), (64, 60, 100), (13, 37, 250), (100, 256, 7), (9, 2, 600)])
+def test_lanes_kernel_on_torchs_team_matches_it_serially(team_runs, shape):
+    """Lane blocks split across torch's OpenMP threads: every statistic (histograms, NaN and inf
+    included) equals the serial kernel's."""
+    _same_on_the_team_as_serially(kernels.scan_lanes, awkward_dense(*shape, seed=7).numpy()[..., 0], team_runs,
+                                  quantiles=(0.0, *QS, 1.0), min_max=True, sat=1.5, zero_eps=1e-6,
+                                  hist=Reducer(StatSpec(hist_bins=BINS))._hist_transform(EDGES))
+
 
 @pytest.mark.parametrize("shape", [(2, 5, 11, 64), (3, 2, 7, 1024), (1, 40, 64, 16), (2, 9, 13, 2)])
-def test_conv_kernel_on_torchs_team_matches_it_serially(monkeypatch, shape):
-    """The fused conv kernel's unit groups shared out on torch's team: the same values as the
-    serial kernel, bit for bit (histograms, NaN and inf included)."""
-    team = _team_or_skip()
-    calls = []
-    run = type(team).run
-    monkeypatch.setattr(type(team), "run", lambda self, *a: (calls.append(a[2]), run(self, *a))[1])
-    x = np.ascontiguousarray(awkward(*shape, seed=9).numpy())
-    before = x.copy()
-    kw = dict(min_max=True, sat=1.5, zero_eps=1e-6, nonfinite=True,
-              hist=Reducer(StatSpec(hist_bins=BINS))._hist_transform(EDGES))
-    serial = kernels.scan(x, **kw, threads=1)
-    assert calls == []
-    parallel = kernels.scan(x, **kw, threads=2)
-    assert calls == [2]
-    np.testing.assert_array_equal(x, before)
-    for stat in serial:
-        np.testing.assert_array_equal(parallel[stat], serial[stat], err_msg=stat)
+def test_conv_kernel_on_torchs_team_matches_it_serially(team_runs, shape):
+    """The fused conv kernel's unit groups shared out on torch's team, likewise."""
+    _same_on_the_team_as_serially(kernels.scan, np.ascontiguousarray(awkward(*shape, seed=9).numpy()), team_runs,
+                                  min_max=True, sat=1.5, zero_eps=1e-6, nonfinite=True,
+                                  hist=Reducer(StatSpec(hist_bins=BINS))._hist_transform(EDGES))
 
-def test_reducer_on_the_training_thread_uses_torchs_team(monkeypatch):
+
+def test_reducer_on_the_training_thread_uses_torchs_team(team_runs, monkeypatch):
     """Reducer() (threads from torch) borrows the team for dense layers; Reducer(threads=1), the
     reducer thread's, never does; both give the float64 reference's quantiles."""
-    team = _team_or_skip()
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    calls = []
-    run = type(team).run
-    monkeypatch.setattr(type(team), "run", lambda self, *a: (calls.append(a[2]), run(self, *a))[1])
+    calls = team_runs
     x = awkward_dense(64, 60, 100, seed=3)
     spec = StatSpec(stats=("mean", "var", "quantiles"), quantiles=QS)
     single = Reducer(spec, threads=1)(x)
@@ -443,16 +438,15 @@ def test_the_team_can_be_turned_off(monkeypatch):
     assert kernels._team_for(2, 5, np.zeros((3, 4, 5), np.float32)) is None
 
 
-def test_team_inputs_the_workers_cannot_read_run_serially_or_are_refused(monkeypatch):
+def test_team_inputs_the_workers_cannot_read_run_serially_or_are_refused(team_runs):
     """Workers read float32: other dtypes take the serial kernel (same values). An empty batch is
     refused on both paths. A worker that leaves work undone raises instead of returning the
     unwritten (uninitialised) results."""
     from numba import cfunc, types
 
-    team = _team_or_skip()
-    calls = []
-    run = type(team).run
-    monkeypatch.setattr(type(team), "run", lambda self, *a: (calls.append(a[2]), run(self, *a))[1])
+    from icsk.omp_team import torch_team
+
+    team, calls = torch_team(), team_runs
     kw = dict(quantiles=QS, min_max=True, sat=1.5, zero_eps=1e-6, hist=None)
     x64 = awkward_dense(20, 30, 100, seed=2).numpy()[..., 0].astype(np.float64)
     got = kernels.scan_lanes(x64, **kw, threads=2)
