@@ -285,11 +285,21 @@ class Trainer:
                 if a.active:
                     a.status = "finished"
         finally:
-            for a in self.arms:
-                if a.recorder is not None:
-                    a.recorder.close()
-            self._log_losses()
-            self.metrics.flush(sync=True)
+            self._close_tables()
+
+    def _close_tables(self) -> None:
+        """Close every recorder, then write the buffered losses and metrics, each even if a step
+        before it failed (a full disk for one arm's statistics must not lose the others' or the
+        losses); the first failure is raised afterwards."""
+        errors: list[Exception] = []
+        for close in [a.recorder.close for a in self.arms if a.recorder is not None] + [
+                self._log_losses, lambda: self.metrics.flush(sync=True)]:
+            try:
+                close()
+            except Exception as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
 
     def train_step(self, batch) -> None:
         """One step of every active arm on the same batch."""

@@ -605,3 +605,29 @@ def test_corrupt_or_partial_run_folders(tmp_path):
         icsk.load_run(tmp_path)
     chunk.write_bytes(good)  # the other files were never touched
     pd.testing.assert_frame_equal(icsk.load_run(tmp_path), before)
+
+
+def test_a_recorder_failing_to_close_loses_neither_the_other_arms_nor_the_losses(tmp_path, monkeypatch):
+    """At the end of a job every table is closed even when one fails (here a full disk while one
+    arm's statistics are written): the other arm's statistics and the losses reach the run folder,
+    and the failure is still raised."""
+    from icsk.hooks import Recorder
+    from icsk.store import read_metrics
+
+    real_close = Recorder.close
+    failed = []
+
+    def close(self):
+        if not failed and "bn" in str(self.path):
+            failed.append(self.path)
+            raise OSError(28, "No space left on device")
+        return real_close(self)
+
+    monkeypatch.setattr(Recorder, "close", close)
+    with pytest.raises(OSError, match="No space left"):
+        job(tmp_path, "model.arms=[none,bn]", steps=20)
+    assert failed
+    losses = read_metrics(tmp_path)
+    assert set(losses[losses.metric == "loss"].arm) == {"none", "bn"} and losses.step.max() >= 15
+    other = icsk.load_run(tmp_path / "arms" / "none")
+    assert other.step.max() == 19
