@@ -48,14 +48,16 @@ import functools
 import os
 import sys
 import threading
+from collections.abc import Callable
 
 import numpy as np
 
 MIN_ROW = 2  # rows (spatial positions per sample) shorter than this stay on the torch path (or go to scan_lanes)
 MAX_NETWORK_ROWS = 256  # scan_lanes sorts up to this many values per unit with a network
 _LANE_BLOCK = 512  # lanes per block: N x 512 float32 values stay in L2
-_LANE_SIZES, _LANE_ARRAYS = 9, 9  # what scan_lanes hands _lane_worker (see _on_team)
-_UNIT_SIZES, _UNIT_ARRAYS = 7, 6  # what scan hands _unit_worker
+# sizes and arrays (the last two: flags and parameters, see _on_team) the team workers receive
+_LANE_SIZES, _LANE_ARRAYS = 9, 9  # scan_lanes -> _lane_worker
+_UNIT_SIZES, _UNIT_ARRAYS = 7, 6  # scan -> _unit_worker
 _TEAM_SLOTS = 3  # after those: the work counter's address, the counter, the count of finished items
 _GROUP_VALUES = 8192  # scan reads about this many adjacent values (32 KB) of one sample at a time
 _GROUP_HIST_BYTES = 256 * 1024  # at most this much sub-histogram memory per group
@@ -381,9 +383,9 @@ if numba is not None:
             qlo = carray(_address(a[11]), (nq,), dtype=np.int64)
             qhi = carray(_address(a[12]), (nq,), dtype=np.int64)
             qfrac = carray(_address(a[13]), (nq,), dtype=np.float32)
-            flags = carray(_address(a[14]), (5,), dtype=np.int64)
-            res = carray(_address(a[15]), (7 + nq, lanes), dtype=np.float32)
-            hist = carray(_address(a[16]), (lanes if hw > 1 else 1, hw), dtype=np.float32)
+            res = carray(_address(a[14]), (7 + nq, lanes), dtype=np.float32)
+            hist = carray(_address(a[15]), (lanes if hw > 1 else 1, hw), dtype=np.float32)
+            flags = carray(_address(a[16]), (5,), dtype=np.int64)
             par = carray(_address(a[17]), (4,), dtype=np.float32)  # origin, scale, sat, eps
             nb = -(-K // kb)
             blk, sums, counts = _lane_scratch(N, kb * C)
@@ -408,10 +410,10 @@ if numba is not None:
             a = carray(data, (_UNIT_SIZES + _UNIT_ARRAYS + _TEAM_SLOTS,), dtype=np.int64)
             K, N, C, S, group, nsub, nbins = a[0], a[1], a[2], a[3], a[4], a[5], a[6]
             x = carray(_address(a[7]), (K, N, C, S), dtype=np.float32)
-            flags = carray(_address(a[8]), (5,), dtype=np.int64)
-            moments = carray(_address(a[9]), (K, C, 2), dtype=np.float32)
-            extra = carray(_address(a[10]), (K, C, 5), dtype=np.float32)
-            hist = carray(_address(a[11]), (K, C, nbins + 2), dtype=np.float32)
+            moments = carray(_address(a[8]), (K, C, 2), dtype=np.float32)
+            extra = carray(_address(a[9]), (K, C, 5), dtype=np.float32)
+            hist = carray(_address(a[10]), (K, C, nbins + 2), dtype=np.float32)
+            flags = carray(_address(a[11]), (5,), dtype=np.int64)
             par = carray(_address(a[12]), (4,), dtype=np.float32)  # origin, scale, sat, eps
             per_step = -(-C // group)
             j = _fetch_add(a[13])
@@ -505,10 +507,8 @@ def scan(x: np.ndarray, *, min_max: bool, sat: float | None, zero_eps: float | N
     groups = K * -(-C // group)
     team = _team_for(threads, groups, x)
     if team is not None:
-        flags, origin, scale, nbins, sat_, eps_ = kargs
-        params = np.array([origin, scale, sat_, eps_], np.float32)
-        _on_team(team, _call(_unit_worker_address), min(threads, groups), groups, (K, N, C, S, group, nsub, nbins),
-                 (x, flags.astype(np.int64), moments, extra, counts, params))
+        _on_team(team, _unit_worker_address, threads, groups, (K, N, C, S, group, nsub, nbins),
+                 (x, moments, extra, counts), kargs)
     elif threads > 1 and _parallel_lock.acquire(blocking=False):  # no team found: numba's own threads
         try:
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
@@ -604,14 +604,13 @@ def scan_lanes(x: np.ndarray, *, quantiles: tuple[float, ...], min_max: bool, sa
     lanes = nb * kb * C
     res = np.empty((len(LANE_OUTPUTS) + len(quantiles), lanes), np.float32)
     counts = np.zeros((lanes, nbins + 3), np.float32) if hist is not None else np.zeros((1, 1), np.float32)
-    flags, origin, scale, nbins, sat_, eps_ = _kernel_args(min_max, sat, zero_eps, True, hist)
+    kargs = _kernel_args(min_max, sat, zero_eps, True, hist)
     team = _team_for(threads, nb, x)
     if team is not None:
-        params = np.array([origin, scale, sat_, eps_], np.float32)
-        _on_team(team, _call(_lane_worker_address), min(threads, nb), nb, (K, N, C, kb, len(comps), len(lo), lanes,
-                 counts.shape[1], nbins), (x, comps, lo, hi, frac, flags.astype(np.int64), res, counts, params))
+        _on_team(team, _lane_worker_address, threads, nb, (K, N, C, kb, len(comps), len(lo), lanes, counts.shape[1],
+                 nbins), (x, comps, lo, hi, frac, res, counts), kargs)
     else:
-        _call(_scan_lane_blocks, x, kb, comps, lo, hi, frac, flags, origin, scale, nbins, sat_, eps_, res, counts)
+        _call(_scan_lane_blocks, x, kb, comps, lo, hi, frac, *kargs, res, counts)
     n = K * C
     want = (True, True, min_max, min_max, sat is not None, zero_eps is not None, True)
     out = {name: res[i, :n].reshape(K, C) for i, name in enumerate(LANE_OUTPUTS) if want[i]}
@@ -631,16 +630,21 @@ def _team_for(threads: int, items: int, x: np.ndarray):
     return torch_team()
 
 
-def _on_team(team, worker: int, threads: int, items: int, sizes: tuple[int, ...], arrays: tuple[np.ndarray, ...]) -> None:
-    """Run the compiled ``worker`` on ``threads`` threads of ``team`` over ``items`` work items.
-    Its ``data`` is an int64 array: ``sizes``, the addresses of ``arrays`` (C-contiguous, alive
-    until this returns), the address of the work counter that follows, the counter (0) and the
-    count of finished items, which must reach ``items``: an error inside a compiled callback is
-    printed, not raised, and would otherwise leave results unwritten."""
+def _on_team(team, worker_address: Callable[[], int], threads: int, items: int, sizes: tuple[int, ...],
+             arrays: tuple[np.ndarray, ...], kargs: tuple) -> None:
+    """Run a compiled worker (its address from ``worker_address``) on up to ``threads`` threads of
+    ``team`` over ``items`` work items. Its ``data`` is an int64 array: ``sizes``, the addresses
+    of ``arrays`` (C-contiguous, alive until this returns) and of the flags and float32
+    parameters (origin, scale, sat, eps) of ``kargs`` (:func:`_kernel_args`), the address of the
+    work counter that follows, the counter (0) and the count of finished items, which must reach
+    ``items``: an error inside a compiled callback is printed, not raised, and would otherwise
+    leave results unwritten."""
+    flags, origin, scale, _, sat, eps = kargs
+    arrays = (*arrays, flags.astype(np.int64), np.array([origin, scale, sat, eps], np.float32))
     n = len(sizes) + len(arrays)
     args = np.array([*sizes, *(a.ctypes.data for a in arrays), 0, 0, 0], np.int64)
     args[n] = args.ctypes.data + 8 * (n + 1)
-    team.run(worker, args.ctypes.data, threads)
+    team.run(_call(worker_address), args.ctypes.data, min(threads, items))
     if args[n + 2] != items:
         raise RuntimeError(f"icsk: a CPU statistics kernel stopped after {args[n + 2]} of {items} work items on "
                            "torch's OpenMP team (its error is printed above); set ICSK_OMP_TEAM=0 to run it without "

@@ -627,7 +627,6 @@ class MetricsWriter:
         self._rows = []
 
 
-
 def read_metrics(run_dir: str | os.PathLike) -> pd.DataFrame:
     """Training metrics of a run folder: ``step, arm, metric, layer, value``."""
     table = read_chunks(Path(run_dir) / "metrics")
