@@ -28,12 +28,16 @@ the first mean are summed as well as squared), so their variance does not cancel
 K stacked steps are copied a few at a time into a block [N, kb*C] of about 512 lanes (unit j of
 the block's step s is lane s*C + j; the block stays in L2), every statistic is a pass over rows
 vectorised across lanes, and quantiles come from a Batcher odd-even merge sorting network
-(pruned to the order statistics the quantiles need) applied to all lanes at once: about 10 us
-per step for 100 units of a batch of 60 (64 steps per call, every statistic of the MLP
-benchmark), against 25 us for the torch path's transposing copy, moments and NumPy's SIMD sort
-of each unit's row. Each comparator is a vectorised min/max over a block's lanes; narrower,
-L1-sized blocks (one step, 104 lanes) measured slower, since the loop overhead per comparator
-then dominates. With ``threads`` > 1 the blocks are shared out across torch's own OpenMP team
+(pruned to the order statistics the quantiles need) applied to all lanes at once: about 3 us
+per step for 100 units of a batch of 60 (64 steps per call, the MLP benchmark's statistics),
+against 25 us for the torch path's transposing copy, moments and NumPy's SIMD sort of each
+unit's row. The network's first phases, which sort groups of 16 values, run in registers, 16
+lanes by 16 lanes (:func:`_sort_group`, explicit vectors: one load and one store per value);
+the merges that follow (:func:`sorting_network` with ``presorted=16``) compare rows a tile of
+64 lanes at a time, so that a tile's rows stay in L1 through the whole merge. Rows are padded
+to whole tiles and 64-byte aligned: a vector that straddles two cache lines costs twice. For
+the MLP's 60 values that halves the sorting time (5.1 to 3.0 us per step, single-threaded; see
+reports/benchmarks.md). With ``threads`` > 1 the blocks are shared out across torch's own OpenMP team
 (:mod:`icsk.omp_team`) by a compiled C callback (:func:`_lane_worker_address`), each thread
 taking the next block from an atomic counter.
 
@@ -55,6 +59,8 @@ import numpy as np
 MIN_ROW = 2  # rows (spatial positions per sample) shorter than this stay on the torch path (or go to scan_lanes)
 MAX_NETWORK_ROWS = 256  # scan_lanes sorts up to this many values per unit with a network
 _LANE_BLOCK = 512  # lanes per block: N x 512 float32 values stay in L2
+SORT_GROUP = 16  # scan_lanes sorts groups of this many values per unit in registers, then merges them
+_TILE = 64  # lanes per tile of the merges (a tile's rows stay in L1)
 # sizes and arrays (the last two: flags and parameters, see _on_team) the team workers receive
 _LANE_SIZES, _LANE_ARRAYS = 9, 9  # scan_lanes -> _lane_worker
 _UNIT_SIZES, _UNIT_ARRAYS = 7, 6  # scan -> _unit_worker
@@ -230,23 +236,69 @@ if numba is not None:
             c0 = (j % per_step) * group
             _units(x, j // per_step, c0, min(c0 + group, C), nsub, flags, origin, scale, nbins, sat, eps, moments, extra, hist)
 
+    @intrinsic
+    def _sort_group(typingctx, address, stride):  # pragma: no cover - compiled
+        """Sort :data:`SORT_GROUP` rows of 16 float32 lanes each (row r at ``address + r * stride``
+        bytes, 64-byte aligned) lane by lane, in registers: one load and one store per row instead
+        of two of each per comparator. Comparators as in :func:`_lane_block`'s network (the
+        smaller value first unless ``b < a`` holds, which NaN never does)."""
+        def codegen(context, builder, sig, args):
+            vec, i64 = ir.VectorType(ir.FloatType(), 16), ir.IntType(64)
+            rows = [builder.inttoptr(builder.add(args[0], builder.mul(args[1], ir.Constant(i64, r))), vec.as_pointer())
+                    for r in range(SORT_GROUP)]
+            v = [builder.load(r, align=64) for r in rows]
+            for a, b in sorting_network(SORT_GROUP).tolist():
+                lt = builder.fcmp_ordered("<", v[b], v[a])
+                v[a], v[b] = builder.select(lt, v[b], v[a]), builder.select(lt, v[a], v[b])
+            for r, value in zip(rows, v):
+                builder.store(value, r, align=64)
+            return context.get_dummy_value()
+        return types.void(address, stride), codegen
+
+    @intrinsic
+    def _compare_tile(typingctx, a, b):  # pragma: no cover - compiled
+        """One comparator on a tile of 64 lanes (four vectors, 64-byte aligned) of the rows at
+        addresses ``a`` and ``b``: the smaller value of each lane to ``a``, the larger to ``b``."""
+        def codegen(context, builder, sig, args):
+            vec, i64 = ir.VectorType(ir.FloatType(), 16), ir.IntType(64)
+            for q in range(_TILE // 16):
+                pa, pb = (builder.inttoptr(builder.add(r, ir.Constant(i64, 64 * q)), vec.as_pointer()) for r in args)
+                u, w = builder.load(pa, align=64), builder.load(pb, align=64)
+                lt = builder.fcmp_ordered("<", w, u)
+                builder.store(builder.select(lt, w, u), pa, align=64)
+                builder.store(builder.select(lt, u, w), pb, align=64)
+            return context.get_dummy_value()
+        return types.void(a, b), codegen
+
     @njit(cache=True, nogil=True)
     def _lane_scratch(N, W):  # pragma: no cover - compiled
-        """A lane block [N, W] and the per-lane sums and counts :func:`_lane_block` works in. The
-        block starts zeroed: lanes past a short last block keep old values, whose results are dropped."""
-        return np.zeros((N, W), np.float32), np.empty((6, W), np.float32), np.empty((4, W), np.int32)
+        """A lane block and the per-lane sums and counts :func:`_lane_block` works in. The block
+        has N rows of W lanes, padded: rows to whole sort groups with +inf (which sorts last, as
+        if absent), lanes to whole tiles with zeros, and a row length 16 lanes more than that so
+        that the rows of one tile do not all fall in the same few L1 cache sets; every row is
+        64-byte aligned. Lanes past a short last block keep old values, whose results are dropped."""
+        lanes = -(-W // _TILE) * _TILE
+        rows = -(-N // SORT_GROUP) * SORT_GROUP
+        raw = np.zeros(rows * (lanes + 16) + 16, np.float32)
+        start = (-(raw.ctypes.data // 4)) % 16
+        blk = raw[start:start + rows * (lanes + 16)].reshape((rows, lanes + 16))
+        blk[N:] = np.inf
+        return blk, np.empty((6, lanes + 16), np.float32), np.empty((4, lanes + 16), np.int32)
 
     @njit(cache=True, nogil=True)
     def _lane_block(x, b, kb, comps, qlo, qhi, qfrac, flags, origin, scale, nbins, sat, eps,
                     res, hist, blk, sums, counts):  # pragma: no cover - compiled
         """Statistics of block ``b`` (steps ``b*kb`` to ``b*kb + kb - 1``) of ``x`` [K, N, C] into
         ``res[s, k*C + c]`` (s runs over LANE_OUTPUTS, then the quantiles). The block is copied to
-        ``blk`` [N, kb*C] (unit c of the block's step j is lane j*C + c), small enough to stay in
-        cache, where every statistic is a pass over rows vectorised across lanes and the sorting
-        network (``comps``, partial) reorders each lane in place."""
+        ``blk`` (:func:`_lane_scratch`: N rows of kb*C lanes, padded; unit c of the block's step j
+        is lane j*C + c), small enough to stay in cache, where every statistic is a pass over rows
+        vectorised across lanes, and the sorting network reorders each lane in place: groups of
+        SORT_GROUP rows sorted in registers, then merged by ``comps``, partial."""
         want_min_max, want_sat, want_zero, want_hist = flags[0], flags[1], flags[2], flags[4]
         K, N, C = x.shape
         W = kb * C
+        R = blk.shape[1]  # lanes in a row (W, padded): the passes run over them all, without a remainder loop
+        L = R - 16  # lanes of the network's tiles
         f0 = np.float32(0.0)
         top = np.float32(nbins + 1)
         drop = nbins + 2
@@ -270,15 +322,15 @@ if numba is not None:
         n_zero[:] = 0
         for n in range(N):  # pass 1: sums and counts, vectorised across lanes
             r = blk[n]
-            for i in range(W):
+            for i in range(R):
                 s1[i] += r[i]
             if want_min_max:
                 _running_min_max(r, mn, mx)
             if want_sat:
-                for i in range(W):
+                for i in range(R):
                     n_sat[i] += abs(r[i]) > sat
             if want_zero:
-                for i in range(W):
+                for i in range(R):
                     n_zero[i] += abs(r[i]) <= eps
             if want_hist:
                 for i in range(W):
@@ -289,15 +341,15 @@ if numba is not None:
         if not finite:
             for n in range(N):
                 r = blk[n]
-                for i in range(W):
+                for i in range(R):
                     v = r[i]
                     n_nan[i] += v != v
                     n_inf[i] += abs(v) == np.inf
-        for i in range(W):
+        for i in range(R):
             mean[i] = s1[i] / np.float32(N)
         for n in range(N):  # pass 2: sums of the deviations and their squares
             r = blk[n]
-            for i in range(W):
+            for i in range(R):
                 d = r[i] - mean[i]
                 c1[i] += d
                 s2[i] += d * d
@@ -315,17 +367,15 @@ if numba is not None:
             res[4, o + i] = n_sat[i] / N
             res[5, o + i] = n_zero[i] / N
             res[6, o + i] = n_nan[i] + n_inf[i]
-        for p in range(comps.shape[0]):  # the sorting network, all lanes at once
-            a = blk[comps[p, 0]]
-            c = blk[comps[p, 1]]
-            for i in range(W):
-                u = a[i]
-                v = c[i]
-                lt = v < u
-                # "+ 0" keeps LLVM from turning the stores into masked stores (slow on
-                # AMD); it only turns -0.0 into +0.0
-                a[i] = (v if lt else u) + f0
-                c[i] = (u if lt else v) + f0
+        if qlo.shape[0] > 0:  # the sorting network: groups of rows in registers, then the merges tile by tile
+            base = blk.ctypes.data
+            stride = blk.shape[1] * 4
+            for g in range(0, N, SORT_GROUP):
+                for i in range(0, L, 16):
+                    _sort_group(base + g * stride + i * 4, stride)
+            for t in range(0, L, _TILE):  # a tile's rows stay in L1 through the merges
+                for p in range(comps.shape[0]):
+                    _compare_tile(base + comps[p, 0] * stride + t * 4, base + comps[p, 1] * stride + t * 4)
         for j in range(qlo.shape[0]):
             lo = blk[qlo[j]]
             hi = blk[qhi[j]]
@@ -532,16 +582,21 @@ def scan(x: np.ndarray, *, min_max: bool, sat: float | None, zero_eps: float | N
 
 
 @functools.lru_cache(maxsize=64)
-def sorting_network(n: int, ranks: tuple[int, ...] | None = None) -> np.ndarray:
+def sorting_network(n: int, ranks: tuple[int, ...] | None = None, presorted: int = 1) -> np.ndarray:
     """Comparators ``[P, 2]`` (i < j: min to i, max to j) of Batcher's odd-even merge sort of
-    ``n`` values; with ``ranks``, only those that the order statistics at ``ranks`` depend on.
+    ``n`` values; with ``ranks``, only those that the order statistics at ``ranks`` depend on;
+    with ``presorted`` (a power of two), without those that sort each group of that many values
+    (indices ``g * presorted`` to ``g * presorted + presorted - 1``), for a caller that sorts the
+    groups itself first: the merges of the groups follow.
 
     The network for the next power of two is cut to ``n`` inputs by dropping every comparator
-    that touches an index >= n (as if those held +inf, which no comparator moves)."""
+    that touches an index >= n (as if those held +inf, which no comparator moves). Pruning only
+    drops comparators that no needed position depends on, so any superset of the kept
+    comparators (such as whole sorted groups) gives the same order statistics."""
     size = 1
     while size < n:
         size *= 2
-    comps = []
+    comps = []  # (a, b, size of the groups the comparator's merge produces)
     p = 1
     while p < size:
         k = p
@@ -550,17 +605,17 @@ def sorting_network(n: int, ranks: tuple[int, ...] | None = None) -> np.ndarray:
                 for i in range(min(k, size - j - k)):
                     a, b = i + j, i + j + k
                     if a // (2 * p) == b // (2 * p) and b < n:
-                        comps.append((a, b))
+                        comps.append((a, b, 2 * p))
             k //= 2
         p *= 2
     if ranks is not None:  # walk backwards, keeping comparators that feed a needed position
         needed, kept = set(ranks), []
-        for a, b in reversed(comps):
+        for a, b, g in reversed(comps):
             if a in needed or b in needed:
-                kept.append((a, b))
+                kept.append((a, b, g))
                 needed.update((a, b))
         comps = kept[::-1]
-    return np.array(comps, dtype=np.int64).reshape(-1, 2)
+    return np.array([(a, b) for a, b, g in comps if g > presorted], dtype=np.int64).reshape(-1, 2)
 
 
 def quantile_positions(m: int, quantiles) -> tuple[list[int], list[int], list[float]]:
@@ -575,9 +630,10 @@ def quantile_positions(m: int, quantiles) -> tuple[list[int], list[int], list[fl
 
 @functools.lru_cache(maxsize=64)
 def _quantile_plan(n: int, quantiles: tuple[float, ...]) -> tuple[np.ndarray, ...]:
-    """(comparators, lo, hi, frac) arrays of :func:`scan_lanes` for n values per unit."""
+    """(comparators, lo, hi, frac) arrays of :func:`scan_lanes` for n values per unit: the
+    comparators merge the groups of SORT_GROUP values that it sorts in registers first."""
     lo, hi, frac = quantile_positions(n, quantiles)
-    comps = sorting_network(n, tuple(sorted(set(lo + hi)))) if quantiles else np.zeros((0, 2), np.int64)
+    comps = sorting_network(n, tuple(sorted(set(lo + hi))), presorted=SORT_GROUP) if quantiles else np.zeros((0, 2), np.int64)
     return comps, np.array(lo, np.int64), np.array(hi, np.int64), np.array(frac, np.float32)
 
 

@@ -201,6 +201,14 @@ def test_sorting_network_sorts_and_pruned_networks_select(n):
         np.testing.assert_array_equal(v[check], want[check])
     if n > 8:
         assert len(kernels.sorting_network(n, ranks)) < len(kernels.sorting_network(n))
+    # groups of 16 sorted first (as scan_lanes does in registers), then only the merges
+    v = trials.copy()
+    for g in range(0, n, 16):
+        v[g:g + 16] = np.sort(v[g:g + 16], axis=0)
+    for a, b in kernels.sorting_network(n, ranks, presorted=16):
+        v[a], v[b] = np.minimum(v[a], v[b]), np.maximum(v[a], v[b])
+    np.testing.assert_array_equal(v[list(ranks)], want[list(ranks)])
+    assert len(kernels.sorting_network(n, ranks, presorted=16)) <= len(kernels.sorting_network(n, ranks))
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 3), (3, 2, 5), (7, 60, 100), (2, 37, 600), (1, 256, 4), (130, 9, 2)])
@@ -233,6 +241,21 @@ def test_lanes_kernel_and_torch_path_agree_exactly():
             torch.testing.assert_close(lanes[stat], plain[stat], rtol=1e-5, atol=1e-6, equal_nan=True)
         else:
             torch.testing.assert_close(lanes[stat], plain[stat], rtol=0, atol=0, equal_nan=True, msg=stat)
+
+
+@pytest.mark.parametrize("n", [*range(1, 70), 127, 128, 129, 255, 256])
+def test_lanes_kernel_quantiles_are_exact_for_every_batch_size(n):
+    """Every batch size (sort groups of 16 padded with +inf, merges tile by tile, lanes past a
+    tile's end): the same quantiles as the torch path's sort, with ties, NaN and +-inf."""
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(3, n, 75, 1, generator=g) * 2).round()  # many ties
+    x[0, n // 2, 3] = float("nan")
+    x[1, 0, 70] = float("inf")
+    x[2, n - 1, 74] = -float("inf")
+    spec = StatSpec(stats=("quantiles",), quantiles=(0.0, 0.15, 0.5, 0.85, 1.0))
+    lanes, plain = Reducer(spec)(x), Reducer(spec, fused=False)(x)
+    for stat in plain:
+        torch.testing.assert_close(lanes[stat], plain[stat], rtol=0, atol=0, equal_nan=True, msg=stat)
 
 
 def test_lanes_kernel_reads_strided_views():
