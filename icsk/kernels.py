@@ -88,7 +88,8 @@ def env_flag(name: str, default: bool) -> bool:
 
 
 def available() -> bool:
-    """Whether the fused kernels can run (numba importable and not disabled by ``ICSK_FUSED=0``)."""
+    """Whether icsk uses the fused kernels (numba importable and not disabled by ``ICSK_FUSED=0``;
+    a :class:`icsk.stats.Reducer` reads this when it is made)."""
     return numba is not None and env_flag("ICSK_FUSED", True)
 
 
@@ -509,8 +510,8 @@ def _compile_notice() -> None:
 
 
 def _require_numba() -> None:
-    if not available():
-        raise RuntimeError("fused kernels unavailable: install numba (pip install numba) or unset ICSK_FUSED=0")
+    if numba is None:
+        raise RuntimeError("fused kernels unavailable: install numba (pip install numba)")
 
 
 def _require_values(per_unit: int) -> None:
@@ -518,10 +519,12 @@ def _require_values(per_unit: int) -> None:
         raise ValueError("a statistic needs at least one value per unit; got an empty batch")
 
 
+@functools.lru_cache(maxsize=256)
 def _kernel_args(min_max: bool, sat: float | None, zero_eps: float | None, nonfinite: bool,
                  hist: tuple[float, float, int] | None) -> tuple:
     """``(flags, origin, scale, nbins, sat, eps)`` as the kernels take them; a statistic not
-    asked for gets a flag of False and a threshold that never counts."""
+    asked for gets a flag of False and a threshold that never counts. (Cached: the kernels only
+    read them.)"""
     flags = np.array([min_max, sat is not None, zero_eps is not None, nonfinite, hist is not None])
     origin, scale, nbins = hist if hist is not None else (0.0, 1.0, 0)
     return (flags, np.float32(origin), np.float32(scale), nbins,
