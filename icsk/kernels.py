@@ -53,6 +53,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -61,7 +62,7 @@ MAX_NETWORK_ROWS = 256  # scan_lanes sorts up to this many values per unit with 
 _LANE_BLOCK = 512  # lanes per block: N x 512 float32 values stay in L2
 SORT_GROUP = 16  # scan_lanes sorts groups of this many values per unit in registers, then merges them
 _TILE = 64  # lanes per tile of the merges (a tile's rows stay in L1)
-# sizes and arrays (the last two: flags and parameters, see _on_team) the team workers receive
+# sizes and arrays (the last two: flags and parameters, see _TeamCall) the team workers receive
 _LANE_SIZES, _LANE_ARRAYS = 9, 9  # scan_lanes -> _lane_worker
 _UNIT_SIZES, _UNIT_ARRAYS = 7, 6  # scan -> _unit_worker
 _TEAM_SLOTS = 3  # after those: the work counter's address, the counter, the count of finished items
@@ -423,7 +424,7 @@ if numba is not None:
         @cfunc(types.void(types.voidptr), cache=True)
         def _lane_worker(data):  # pragma: no cover - compiled
             """One thread's share of a parallel :func:`scan_lanes`, for ``GOMP_parallel``: ``data``
-            is the int64 array :func:`_on_team` packs (sizes, addresses of the arrays, the
+            is the int64 array :class:`_TeamCall` packs (sizes, addresses of the arrays, the
             counter's); each thread takes the next lane block from the counter until none is
             left (blocks are disjoint lanes of ``res`` and ``hist``, so threads never write the
             same value)."""
@@ -560,8 +561,8 @@ def scan(x: np.ndarray, *, min_max: bool, sat: float | None, zero_eps: float | N
     groups = K * -(-C // group)
     team = _team_for(threads, groups, x)
     if team is not None:
-        _on_team(team, _unit_worker_address, threads, groups, (K, N, C, S, group, nsub, nbins),
-                 (x, moments, extra, counts), kargs)
+        _TeamCall((K, N, C, S, group, nsub, nbins), (None,) * 4, kargs).run(
+            team, _unit_worker_address, threads, groups, x, moments, extra, counts)
     elif threads > 1 and _parallel_lock.acquire(blocking=False):  # no team found: numba's own threads
         try:
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
@@ -657,27 +658,52 @@ def scan_lanes(x: np.ndarray, *, quantiles: tuple[float, ...], min_max: bool, sa
     _require_values(N)
     if N > MAX_NETWORK_ROWS:
         raise ValueError(f"scan_lanes sorts at most {MAX_NETWORK_ROWS} values per unit, got {N}")
-    kb, nb = _lane_blocks(K, C)
-    comps, lo, hi, frac = _quantile_plan(N, quantiles)
-    nbins = hist[2] if hist is not None else 0
-    lanes = nb * kb * C
-    res = np.empty((len(LANE_OUTPUTS) + len(quantiles), lanes), np.float32)
-    counts = np.zeros((lanes, nbins + 3), np.float32) if hist is not None else np.zeros((1, 1), np.float32)
-    kargs = _kernel_args(min_max, sat, zero_eps, True, hist)
-    team = _team_for(threads, nb, x)
+    plan = _lane_plan(K, N, C, tuple(quantiles), min_max, sat, zero_eps, hist)
+    res = np.empty((plan.rows, plan.lanes), np.float32)
+    counts = np.zeros((plan.lanes, hist[2] + 3), np.float32) if hist is not None else _NO_HIST
+    team = _team_for(threads, plan.blocks, x)
     if team is not None:
-        _on_team(team, _lane_worker_address, threads, nb, (K, N, C, kb, len(comps), len(lo), lanes, counts.shape[1],
-                 nbins), (x, comps, lo, hi, frac, res, counts), kargs)
+        plan.team_call.run(team, _lane_worker_address, threads, plan.blocks, x, res, counts)
     else:
-        _call(_scan_lane_blocks, x, kb, comps, lo, hi, frac, *kargs, res, counts)
+        _call(_scan_lane_blocks, x, plan.kb, *plan.network, *plan.kargs, res, counts)
     n = K * C
-    want = (True, True, min_max, min_max, sat is not None, zero_eps is not None, True)
-    out = {name: res[i, :n].reshape(K, C) for i, name in enumerate(LANE_OUTPUTS) if want[i]}
+    out = {name: res[row, :n].reshape(K, C) for name, row in plan.outputs}
     if hist is not None:  # its last column took the NaN values, which are dropped
-        out["hist"] = counts[:n, : nbins + 2].reshape(K, C, nbins + 2)
-    for j, q in enumerate(quantiles):
-        out[f"q{q:g}"] = res[len(LANE_OUTPUTS) + j, :n].reshape(K, C)
+        out["hist"] = counts[:n, : hist[2] + 2].reshape(K, C, hist[2] + 2)
     return out
+
+
+_NO_HIST = np.zeros((1, 1), np.float32)  # the histogram counts of a scan_lanes call without one (never written)
+
+
+class _LanePlan(NamedTuple):
+    """What :func:`scan_lanes` needs besides the data, for one shape and set of statistics."""
+
+    kb: int  # steps per lane block
+    blocks: int
+    lanes: int  # blocks * kb * C: the results' columns
+    rows: int  # the results' rows: LANE_OUTPUTS, then the quantiles
+    network: tuple[np.ndarray, ...]  # comparators, lo, hi, frac (:func:`_quantile_plan`)
+    kargs: tuple
+    outputs: tuple[tuple[str, int], ...]  # (name, row) of each output asked for
+    team_call: _TeamCall  # its x, results and histogram counts given per call
+
+
+@functools.lru_cache(maxsize=64)
+def _lane_plan(K: int, N: int, C: int, quantiles: tuple[float, ...], min_max: bool, sat: float | None,
+               zero_eps: float | None, hist: tuple[float, float, int] | None) -> _LanePlan:
+    """The :class:`_LanePlan` of a call (cached: a Recorder makes the same call every K steps)."""
+    kb, blocks = _lane_blocks(K, C)
+    network = _quantile_plan(N, quantiles)
+    kargs = _kernel_args(min_max, sat, zero_eps, True, hist)
+    lanes = blocks * kb * C
+    want = (True, True, min_max, min_max, sat is not None, zero_eps is not None, True)
+    outputs = tuple((name, i) for i, name in enumerate(LANE_OUTPUTS) if want[i]) + tuple(
+        (f"q{q:g}", len(LANE_OUTPUTS) + j) for j, q in enumerate(quantiles))
+    nbins = hist[2] if hist is not None else 0
+    sizes = (K, N, C, kb, len(network[0]), len(quantiles), lanes, nbins + 3 if hist is not None else 1, nbins)
+    team_call = _TeamCall(sizes, (None, *network, None, None), kargs)
+    return _LanePlan(kb, blocks, lanes, len(LANE_OUTPUTS) + len(quantiles), network, kargs, outputs, team_call)
 
 
 def _team_for(threads: int, items: int, x: np.ndarray):
@@ -689,25 +715,37 @@ def _team_for(threads: int, items: int, x: np.ndarray):
     return torch_team()
 
 
-def _on_team(team, worker_address: Callable[[], int], threads: int, items: int, sizes: tuple[int, ...],
-             arrays: tuple[np.ndarray, ...], kargs: tuple) -> None:
-    """Run a compiled worker (its address from ``worker_address``) on up to ``threads`` threads of
-    ``team`` over ``items`` work items. Its ``data`` is an int64 array: ``sizes``, the addresses
-    of ``arrays`` (C-contiguous, alive until this returns) and of the flags and float32
-    parameters (origin, scale, sat, eps) of ``kargs`` (:func:`_kernel_args`), the address of the
-    work counter that follows, the counter (0) and the count of finished items, which must reach
-    ``items``: an error inside a compiled callback is printed, not raised, and would otherwise
-    leave results unwritten."""
-    flags, origin, scale, _, sat, eps = kargs
-    arrays = (*arrays, flags.astype(np.int64), np.array([origin, scale, sat, eps], np.float32))
-    n = len(sizes) + len(arrays)
-    args = np.array([*sizes, *(a.ctypes.data for a in arrays), 0, 0, 0], np.int64)
-    args[n] = args.ctypes.data + 8 * (n + 1)
-    team.run(_call(worker_address), args.ctypes.data, min(threads, items))
-    if args[n + 2] != items:
-        raise RuntimeError(f"icsk: a CPU statistics kernel stopped after {args[n + 2]} of {items} work items on "
-                           "torch's OpenMP team (its error is printed above); set ICSK_OMP_TEAM=0 to run it without "
-                           "the team and see the error raised")
+class _TeamCall:
+    """The argument block of a compiled team worker, packed once: an int64 array of ``sizes``,
+    the addresses of ``arrays`` (None marks one given to each :meth:`run`) and of the flags and
+    float32 parameters (origin, scale, sat, eps) of ``kargs`` (:func:`_kernel_args`), the
+    address of the work counter that follows, the counter (0) and the count of finished items.
+    Packing it once matters: each address costs about a microsecond of Python, and in training
+    the interpreter runs this code cold, several times slower."""
+
+    def __init__(self, sizes: tuple[int, ...], arrays: tuple[np.ndarray | None, ...], kargs: tuple):
+        flags, origin, scale, _, sat, eps = kargs
+        arrays = (*arrays, flags.astype(np.int64), np.array([origin, scale, sat, eps], np.float32))
+        self._keep = arrays  # (alive as long as their addresses are in the template)
+        self._slots = [len(sizes) + i for i, a in enumerate(arrays) if a is None]
+        self._n = len(sizes) + len(arrays)
+        self._template = np.array([*sizes, *(0 if a is None else a.ctypes.data for a in arrays), 0, 0, 0], np.int64)
+
+    def run(self, team, worker_address: Callable[[], int], threads: int, items: int, *arrays: np.ndarray) -> None:
+        """Run the worker (its address from ``worker_address``) on up to ``threads`` threads of
+        ``team`` over ``items`` work items, with ``arrays`` (C-contiguous, alive until this
+        returns) in the open slots. The finished items must reach ``items``: an error inside a
+        compiled callback is printed, not raised, and would otherwise leave results unwritten."""
+        args = self._template.copy()
+        for i, a in zip(self._slots, arrays, strict=True):
+            args[i] = a.ctypes.data
+        n = self._n
+        args[n] = args.ctypes.data + 8 * (n + 1)
+        team.run(_call(worker_address), args.ctypes.data, min(threads, items))
+        if args[n + 2] != items:
+            raise RuntimeError(f"icsk: a CPU statistics kernel stopped after {args[n + 2]} of {items} work items on "
+                               "torch's OpenMP team (its error is printed above); set ICSK_OMP_TEAM=0 to run it "
+                               "without the team and see the error raised")
 
 
 def _lane_blocks(K: int, C: int) -> tuple[int, int]:

@@ -484,5 +484,5 @@ def test_team_inputs_the_workers_cannot_read_run_serially_or_are_refused(team_ru
                      hist=None, threads=2)
     idle = cfunc(types.void(types.voidptr))(lambda data: None)  # takes no work item
     with pytest.raises(RuntimeError, match="stopped after 0 of 3 work items.*ICSK_OMP_TEAM=0"):
-        kernels._on_team(team, lambda: idle.address, 2, 3, (1,), (np.zeros(1, np.float32),),
-                         kernels._kernel_args(False, None, None, True, None))
+        kernels._TeamCall((1,), (None,), kernels._kernel_args(False, None, None, True, None)).run(
+            team, lambda: idle.address, 2, 3, np.zeros(1, np.float32))
