@@ -36,12 +36,13 @@ lanes by 16 lanes (:func:`_sort_group`, explicit vectors: one load and one store
 the merges that follow (:func:`sorting_network` with ``presorted=16``) compare rows a tile of
 64 lanes at a time, so that a tile's rows stay in L1 through the whole merge. Rows are padded
 to whole tiles and 64-byte aligned: a vector that straddles two cache lines costs twice. For
-the MLP's 60 values that halves the sorting time (5.1 to 3.0 us per step, single-threaded; see
-reports/benchmarks.md). With ``threads`` > 1 the blocks are shared out across torch's own OpenMP team
+the MLP's 60 values the sorting went from 3.3 to 1.4 us per step and the whole kernel from 5.1
+to 3.0 us (single-threaded; see reports/benchmarks.md). With ``threads`` > 1 the blocks are shared out across torch's own OpenMP team
 (:mod:`icsk.omp_team`) by a compiled C callback (:func:`_lane_worker_address`), each thread
 taking the next block from an atomic counter.
 
-numba is optional: without it (or with ``ICSK_FUSED=0``) icsk uses the torch path. Kernels
+numba is optional: without it (or with ``ICSK_FUSED=0``, read when a Recorder or
+:class:`icsk.stats.Reducer` is made) icsk uses the torch path. Kernels
 compile on first use (seconds each, cached on disk afterwards; a first call that takes longer
 than ``COMPILE_NOTICE_S`` prints why training stalls).
 """
@@ -238,6 +239,9 @@ if numba is not None:
             c0 = (j % per_step) * group
             _units(x, j // per_step, c0, min(c0 + group, C), nsub, flags, origin, scale, nbins, sat, eps, moments, extra, hist)
 
+    # The two intrinsics below read and write a block through raw addresses (its ``ctypes.data``,
+    # which escapes), so LLVM must assume they touch the block; the kernels' own loops over it
+    # are therefore never reordered across them.
     @intrinsic
     def _sort_group(typingctx, address, stride):  # pragma: no cover - compiled
         """Sort :data:`SORT_GROUP` rows of 16 float32 lanes each (row r at ``address + r * stride``
@@ -520,6 +524,12 @@ def _require_values(per_unit: int) -> None:
         raise ValueError("a statistic needs at least one value per unit; got an empty batch")
 
 
+def _hashable(sat, zero_eps, hist) -> tuple:
+    """``sat``, ``zero_eps`` and ``hist`` as the cached plans take them: Python numbers, a tuple."""
+    return (None if sat is None else float(sat), None if zero_eps is None else float(zero_eps),
+            None if hist is None else (float(hist[0]), float(hist[1]), int(hist[2])))
+
+
 @functools.lru_cache(maxsize=256)
 def _kernel_args(min_max: bool, sat: float | None, zero_eps: float | None, nonfinite: bool,
                  hist: tuple[float, float, int] | None) -> tuple:
@@ -545,6 +555,7 @@ def scan(x: np.ndarray, *, min_max: bool, sat: float | None, zero_eps: float | N
     _require_numba()
     K, N, C, S = x.shape
     _require_values(N * S)
+    sat, zero_eps, hist = _hashable(sat, zero_eps, hist)
     nbins = hist[2] if hist is not None else 0
     moments = np.empty((K, C, 2), np.float32)
     extra = np.empty((K, C, 5), np.float32)
@@ -556,7 +567,7 @@ def scan(x: np.ndarray, *, min_max: bool, sat: float | None, zero_eps: float | N
     if hist is not None:  # keep a group's int64 sub-histograms within L2
         group = min(group, _GROUP_HIST_BYTES // (8 * nsub * (nbins + 3)))
     group = max(1, group)
-    kargs = _kernel_args(min_max, sat, zero_eps, nonfinite, hist)
+    kargs = _kernel_args(bool(min_max), sat, zero_eps, bool(nonfinite), hist)
     args = (x, group, nsub, *kargs, moments, extra, counts)
     groups = K * -(-C // group)
     team = _team_for(threads, groups, x)
@@ -595,8 +606,9 @@ def sorting_network(n: int, ranks: tuple[int, ...] | None = None, presorted: int
 
     The network for the next power of two is cut to ``n`` inputs by dropping every comparator
     that touches an index >= n (as if those held +inf, which no comparator moves). Pruning only
-    drops comparators that no needed position depends on, so any superset of the kept
-    comparators (such as whole sorted groups) gives the same order statistics."""
+    drops comparators that no needed position depends on, so putting back dropped comparators
+    of the same full network, in its order (such as all of the group sorts), gives the same
+    order statistics."""
     size = 1
     while size < n:
         size *= 2
@@ -658,7 +670,7 @@ def scan_lanes(x: np.ndarray, *, quantiles: tuple[float, ...], min_max: bool, sa
     _require_values(N)
     if N > MAX_NETWORK_ROWS:
         raise ValueError(f"scan_lanes sorts at most {MAX_NETWORK_ROWS} values per unit, got {N}")
-    plan = _lane_plan(K, N, C, tuple(quantiles), min_max, sat, zero_eps, hist)
+    plan = _lane_plan(K, N, C, tuple(quantiles), bool(min_max), *_hashable(sat, zero_eps, hist))
     res = np.empty((plan.rows, plan.lanes), np.float32)
     counts = np.zeros((plan.lanes, hist[2] + 3), np.float32) if hist is not None else _NO_HIST
     team = _team_for(threads, plan.blocks, x)

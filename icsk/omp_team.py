@@ -6,7 +6,8 @@ only gets a core by displacing one of them, and training then waits for it. A ke
 must run on the training thread can still use every core: handed to ``GOMP_parallel`` of the
 OpenMP runtime torch itself uses, it runs on the training thread and on those same workers,
 exactly as torch's own parallel regions do (measured: the staged reductions of the MLP
-benchmark take 3.1 instead of 5.3 µs per layer and step on 2 cores; reports/benchmarks.md).
+benchmark took 3.1 instead of 5.3 µs per layer and step on 2 cores, and take 2.0 instead of
+3.0 µs since the sorting network runs in registers; reports/benchmarks.md).
 
 :func:`torch_team` finds that runtime (Linux, torch built with OpenMP) and proves it is the one
 torch uses: a thread count set in it must show through torch. Anywhere else it returns None

@@ -112,7 +112,7 @@ class Reducer:
         self.spec = spec
         self.threads = threads
         self.fused = fused
-        self._cpu_kernels = fused and kernels.available()  # (reading the environment costs microseconds a call)
+        self._kernels_on = kernels.available()  # ICSK_FUSED, read once (the environment costs microseconds a call)
         self._outputs = frozenset(spec.output_names())
         self._lane_quantiles = spec.quantiles if "quantiles" in spec.stats else ()
         # the Triton kernel takes two launches: it pays when the torch path needs more than
@@ -150,7 +150,7 @@ class Reducer:
             xf = self._buf("xf", tuple(x.shape), torch.float32, x.device)
             xf.copy_(x)
             x, sortable = xf, True
-        on_cpu = self._cpu_kernels and x.device.type == "cpu"
+        on_cpu = self.fused and self._kernels_on and x.device.type == "cpu"
         if on_cpu and x.shape[3] == 1 and x.shape[1] <= kernels.MAX_NETWORK_ROWS:
             return self._scan_lanes(x, edges)
         fused = on_cpu and x.is_contiguous() and x.shape[3] >= kernels.MIN_ROW

@@ -246,16 +246,35 @@ def test_lanes_kernel_and_torch_path_agree_exactly():
 @pytest.mark.parametrize("n", [*range(1, 70), 127, 128, 129, 255, 256])
 def test_lanes_kernel_quantiles_are_exact_for_every_batch_size(n):
     """Every batch size (sort groups of 16 padded with +inf, merges tile by tile, lanes past a
-    tile's end): the same quantiles as the torch path's sort, with ties, NaN and +-inf."""
+    tile's end, three lane blocks of 6 steps with a short last one), serially and on torch's
+    team: the same quantiles as the torch path's sort, with ties, NaN and +-inf."""
     g = torch.Generator().manual_seed(n)
-    x = (torch.randn(3, n, 75, 1, generator=g) * 2).round()  # many ties
+    x = (torch.randn(13, n, 75, 1, generator=g) * 2).round()  # many ties
     x[0, n // 2, 3] = float("nan")
-    x[1, 0, 70] = float("inf")
-    x[2, n - 1, 74] = -float("inf")
+    x[7, 0, 70] = float("inf")
+    x[12, n - 1, 74] = -float("inf")
     spec = StatSpec(stats=("quantiles",), quantiles=(0.0, 0.15, 0.5, 0.85, 1.0))
-    lanes, plain = Reducer(spec)(x), Reducer(spec, fused=False)(x)
-    for stat in plain:
-        torch.testing.assert_close(lanes[stat], plain[stat], rtol=0, atol=0, equal_nan=True, msg=stat)
+    plain = Reducer(spec, fused=False)(x)
+    for threads in (1, 2):
+        lanes = Reducer(spec, threads=threads)(x)
+        for stat in plain:
+            torch.testing.assert_close(lanes[stat], plain[stat], rtol=0, atol=0, equal_nan=True, msg=stat)
+
+
+def test_kernels_take_any_sequence_and_numbers_for_their_parameters():
+    """Parameters go into cached plans: a list histogram range and NumPy numbers work like tuples
+    and floats (and give the same results)."""
+    x = awkward_dense(4, 20, 30, seed=3).numpy()
+    kw = dict(min_max=True, zero_eps=1e-6)
+    want = kernels.scan_lanes(x[..., 0], quantiles=(0.5,), sat=1.5, hist=(-2.0, 2.0, 5), **kw)
+    got = kernels.scan_lanes(x[..., 0], quantiles=[0.5], sat=np.float32(1.5), hist=[-2.0, 2.0, np.int64(5)], **kw)
+    for stat in want:
+        np.testing.assert_array_equal(got[stat], want[stat], err_msg=stat)
+    x4 = np.ascontiguousarray(np.repeat(x, 4, axis=3))
+    want = kernels.scan(x4, sat=1.5, nonfinite=True, hist=(-2.0, 2.0, 5), **kw)
+    got = kernels.scan(x4, sat=np.float64(1.5), nonfinite=True, hist=[-2.0, 2.0, 5], **kw)
+    for stat in want:
+        np.testing.assert_array_equal(got[stat], want[stat], err_msg=stat)
 
 
 def test_lanes_kernel_reads_strided_views():
