@@ -37,9 +37,9 @@ the merges that follow (:func:`sorting_network` with ``presorted=16``) compare r
 64 lanes at a time, so that a tile's rows stay in L1 through the whole merge. Rows are padded
 to whole tiles and 64-byte aligned: a vector that straddles two cache lines costs twice. For
 the MLP's 60 values the sorting went from 3.3 to 1.4 us per step and the whole kernel from 5.1
-to 3.0 us (single-threaded; see reports/benchmarks.md). With ``threads`` > 1 the blocks are shared out across torch's own OpenMP team
-(:mod:`icsk.omp_team`) by a compiled C callback (:func:`_lane_worker_address`), each thread
-taking the next block from an atomic counter.
+to 3.0 us (single-threaded; see reports/benchmarks.md). With ``threads`` > 1 the blocks are
+shared out across torch's own OpenMP team (:mod:`icsk.omp_team`) by a compiled C callback
+(:func:`_lane_worker_address`), each thread taking the next block from an atomic counter.
 
 numba is optional: without it (or with ``ICSK_FUSED=0``, read when a Recorder or
 :class:`icsk.stats.Reducer` is made) icsk uses the torch path. Kernels
@@ -649,7 +649,8 @@ def _quantile_plan(n: int, quantiles: tuple[float, ...]) -> tuple[np.ndarray, ..
     """(comparators, lo, hi, frac) arrays of :func:`scan_lanes` for n values per unit: the
     comparators merge the groups of SORT_GROUP values that it sorts in registers first."""
     lo, hi, frac = quantile_positions(n, quantiles)
-    comps = sorting_network(n, tuple(sorted(set(lo + hi))), presorted=SORT_GROUP) if quantiles else np.zeros((0, 2), np.int64)
+    comps = (sorting_network(n, tuple(sorted(set(lo + hi))), presorted=SORT_GROUP) if quantiles
+             else np.zeros((0, 2), np.int64))
     return comps, np.array(lo, np.int64), np.array(hi, np.int64), np.array(frac, np.float32)
 
 
