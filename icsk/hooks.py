@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import difflib
+import math
 import os
 import shutil
 import tempfile
@@ -155,6 +156,19 @@ def _chunk_table(batches: list) -> pa.Table:
     return pa.table(table)
 
 
+def _checked_hist_range(value: Any) -> str | tuple[float, float]:
+    """``"auto"`` or a finite ``(lo, hi)`` with lo < hi, else a RecorderError naming the fix."""
+    if isinstance(value, str) and value == "auto":
+        return value
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise RecorderError(f"hist_range must be \"auto\" or a pair (lo, hi) of numbers, got {value!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+        raise RecorderError(f"hist_range needs finite lo < hi, got {value!r}")
+    return (lo, hi)
+
+
 def _default_stage_mb(device: torch.device) -> int:
     """Staging budget per layer and buffer: cache-sized on the CPU, larger on GPUs."""
     return 8 if device.type == "cpu" else 64
@@ -179,6 +193,19 @@ def _on_stream(stream: torch.cuda.Stream | None, fn: Callable, *args: Any) -> An
         return fn(*args)
     with torch.cuda.stream(stream):
         return fn(*args)
+
+
+def _choices_of(value: Any) -> str:
+    """What ``select`` can pick from ``value``, for an error message."""
+    if hasattr(value, "keys"):
+        return f"its keys are {list(value.keys())}"
+    # named tuples, torch.return_types and dataclasses list their fields in __match_args__
+    fields = getattr(type(value), "__match_args__", None) or list(getattr(value, "__dataclass_fields__", {}))
+    if fields:
+        return f"its fields are {list(fields)}"
+    if isinstance(value, (tuple, list)) and value:
+        return f"it has {len(value)} items: pass an index from 0 to {len(value) - 1}"
+    return "pass a function that returns the tensor (select=lambda out: ...)"
 
 
 class _LayerState:
@@ -360,16 +387,15 @@ class Recorder:
         self.modes = tuple(modes)
         if not self.modes or any(m not in MODES for m in self.modes):
             raise RecorderError(f"modes must be a non-empty subset of {MODES}, got {self.modes}")
-        if hist_range != "auto":
-            lo, hi = (float(v) for v in hist_range)
-            if not hi > lo:
-                raise RecorderError(f"hist_range needs lo < hi, got {hist_range}")
-            hist_range = (lo, hi)
+        hist_range = _checked_hist_range(hist_range)
         if flush_every < 1 or not flush_mb > 0:
             raise RecorderError(f"flush_every must be >= 1 and flush_mb > 0, got {flush_every} and {flush_mb}")
         self.model = model
-        self.spec = StatSpec(stats=stats, quantiles=tuple(float(q) for q in quantiles), hist_bins=int(hist_bins),
-                             sat_threshold=float(sat_threshold), zero_eps=float(zero_eps))
+        try:
+            self.spec = StatSpec(stats=stats, quantiles=tuple(float(q) for q in quantiles), hist_bins=int(hist_bins),
+                                 sat_threshold=float(sat_threshold), zero_eps=float(zero_eps))
+        except ValueError as e:  # a quantile outside [0, 1], hist_bins < 1, a negative threshold
+            raise RecorderError(str(e)) from None
         self.layers = select_layers(model, layers)
         self.capture = capture
         self.hist_range = hist_range
@@ -398,6 +424,7 @@ class Recorder:
         self._states: dict[tuple[str, str], _LayerState] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._entered = False
+        self._removed = False  # remove() was called: no hooks until attach()
         self._paused = 0
         self._owner: threading.Thread | None = None  # the thread that entered (joined before closing at exit)
         self._warned_transform = False  # a forward inside a torch.func transform was skipped
@@ -415,6 +442,7 @@ class Recorder:
         except FolderBusyError as e:
             raise RecorderError(str(e)) from None
         self._entered = True
+        self._removed = False
         self._owner = threading.current_thread()
         _open.add(self)
         self._sync_hooks()
@@ -429,7 +457,14 @@ class Recorder:
         return self.__enter__()
 
     def remove(self) -> None:
-        """Remove every hook this Recorder added. Idempotent."""
+        """Remove every hook this Recorder added and record nothing more: later steps attach no
+        hooks until :meth:`attach` (to skip some forwards only, use :meth:`paused`). What was
+        recorded stays readable; :meth:`close` writes what is pending. Idempotent."""
+        self._removed = True
+        self._detach()
+
+    def _detach(self) -> None:
+        """Take the hooks off the model (a step the schedule skips, or for good)."""
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -438,7 +473,7 @@ class Recorder:
         """Remove hooks, flush everything recorded to the run folder and put it on the disk itself
         (``fsync``). Idempotent; Recorders left open are closed at interpreter exit."""
         self._entered = False
-        self.remove()
+        self._detach()
         try:
             self.flush(wait=True, sync=True)
             _open.discard(self)  # (an interrupted flush is tried again at exit)
@@ -451,11 +486,11 @@ class Recorder:
         return bool(self._handles)
 
     def _sync_hooks(self) -> None:
-        want = self._entered and self.schedule(self.current_step)
+        want = self._entered and not self._removed and self.schedule(self.current_step)
         if want and not self._handles:
             self._attach_hooks()
         elif not want and self._handles:
-            self.remove()
+            self._detach()
 
     def _attach_hooks(self) -> None:
         for name, mod in self.layers.items():
@@ -489,8 +524,9 @@ class Recorder:
         because the weights do, and by the noise stochastic layers draw (noisy BN, dropout);
         training batches add their sampling noise to every difference. As in training, only
         the first probe forward of a step is recorded: pass the whole probe batch at once."""
-        if not self._entered:
-            raise RecorderError("probe() records through the Recorder's hooks: enter it first (with rec: ...)")
+        if not self._entered or self._removed:
+            raise RecorderError("probe() records through the Recorder's hooks: enter it first (with rec: ...), "
+                                "or attach() it again after remove()")
         if self._forced_mode is not None or self._paused:
             raise RecorderError("probe() cannot be nested or used while the Recorder is paused")
         self._forced_mode = PROBE
@@ -502,7 +538,7 @@ class Recorder:
         finally:
             self._forced_mode = None
             if not attached:  # a step the schedule skips: step() will not count it
-                self.remove()
+                self._detach()
                 self._count_pending()
 
     @contextmanager
@@ -526,7 +562,8 @@ class Recorder:
                 return getattr(value, sel)
             return value[sel]
         except (KeyError, IndexError, TypeError) as e:
-            raise RecorderError(f"layer {name!r}: select={sel!r} failed on its {type(value).__name__} ({e})") from None
+            raise RecorderError(f"layer {name!r}: select={sel!r} failed on its {type(value).__name__} ({e}); "
+                                f"{_choices_of(value)}") from None
 
     def _tensor_of(self, name: str, module: nn.Module, value: Any) -> torch.Tensor:
         """``value`` (``select`` applied already) checked to be a recordable tensor."""
@@ -861,7 +898,7 @@ class Recorder:
         if os.getpid() != getattr(self, "_pid", None):  # a forked child's copy (or a failed __init__)
             return
         try:
-            self.remove()
+            self._detach()
             self._lease.release()
             if self._tmpdir is not None:
                 shutil.rmtree(self._tmpdir, ignore_errors=True)

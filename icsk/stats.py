@@ -68,6 +68,9 @@ class StatSpec:
             raise ValueError("'quantiles' requested but the quantiles list is empty")
         if self.hist_bins < 1:
             raise ValueError(f"hist_bins must be >= 1, got {self.hist_bins}")
+        if not (self.sat_threshold >= 0 and self.zero_eps >= 0):  # (NaN fails too)
+            raise ValueError(f"sat_threshold and zero_eps bound |x|, so they must be >= 0; got "
+                             f"{self.sat_threshold} and {self.zero_eps}")
 
     def output_names(self) -> list[str]:
         """Names of the per-unit outputs, in order ('quantiles' expands to 'q0.15', ...)."""

@@ -484,7 +484,8 @@ def read_histograms(stats_dir: str | os.PathLike, layers=None, steps=None, mode:
                     strict: bool = True) -> pd.DataFrame:
     """Histograms as ``step, layer, unit, bin, left, right, count`` (plus ``mode`` when
     ``mode`` is None); bin 0 is the underflow bin (left = -inf) and bin B+1 the overflow bin
-    (right = +inf)."""
+    (right = +inf). The edges are nominal: values were binned in float32, so one within
+    float32 rounding of an edge may be counted in the neighbouring bin."""
     meta = read_recorder_meta(stats_dir)
     if strict:
         check_hist_recorded([meta])

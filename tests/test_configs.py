@@ -177,6 +177,13 @@ def refused(tmp_path: Path, *overrides: str) -> str:
     return str(err.value)
 
 
+@pytest.mark.parametrize("value,says", [("fixed", 'must be "auto" or a pair (lo, hi) of numbers'),
+                                         ("[1,0]", "needs finite lo < hi"), ("[0,1,2]", "got [0, 1, 2]")])
+def test_a_bad_histogram_range_names_the_key_and_the_fix(tmp_path, value, says):
+    msg = refused(tmp_path, f"recorder.hist_range={value}")
+    assert msg.startswith("recorder: hist_range") and says in msg
+
+
 @pytest.mark.parametrize("model", ["mlp", "vgg"])
 def test_a_classifier_on_regression_data_points_to_the_deep_linear_net(tmp_path, model):
     msg = refused(tmp_path, f"model={model}", "data=gaussian")

@@ -654,6 +654,81 @@ def test_non_tensor_outputs_rejected_with_hint_or_selected():
     assert frame_values(rec.to_frame(), 0, "0", "mean").tolist() == [2.0, 2.0, 2.0]
 
 
+@pytest.mark.parametrize("select,choices", [
+    ("zz", r"select='zz' failed on its dict \('zz'\); its keys are \['a', 'b'\]"),
+    (5, r"select=5 failed on its dict \(5\); its keys are \['a', 'b'\]"),
+])
+def test_a_select_that_fails_on_a_dict_lists_its_keys(select, choices):
+    class DictOut(nn.Module):
+        def forward(self, x):
+            return {"a": x, "b": 2 * x}
+
+    model = nn.Sequential(DictOut())
+    with icsk.Recorder(model, layers=["0"], select=select):
+        with pytest.raises(icsk.RecorderError, match=choices):
+            model(torch.ones(2, 3))
+
+
+def test_a_select_that_fails_on_a_tuple_gives_its_length_or_fields():
+    model = nn.Sequential(TupleOut())
+    with icsk.Recorder(model, layers=["0"], select=2):
+        with pytest.raises(icsk.RecorderError, match=r"select=2 failed on its tuple .*it has 2 items: pass an "
+                                                     r"index from 0 to 1"):
+            model(torch.ones(2, 3))
+
+    class Fields(nn.Module):
+        def forward(self, x):
+            return torch.return_types.max((x, x))  # a named tuple (values, indices)
+
+    model = nn.Sequential(Fields())
+    with icsk.Recorder(model, layers=["0"], select="value"):
+        with pytest.raises(icsk.RecorderError, match=r"its fields are \['values', 'indices'\]"):
+            model(torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("bad,says", [
+    ("fixed", 'hist_range must be "auto" or a pair \\(lo, hi\\) of numbers, got \'fixed\''),
+    ("auto ", "got 'auto '"),
+    ((0, 1, 2), r"got \(0, 1, 2\)"),
+    (None, "got None"),
+    ((1.0, 0.0), r"needs finite lo < hi, got \(1.0, 0.0\)"),
+    ((0.0, float("inf")), "needs finite lo < hi"),
+])
+def test_a_bad_hist_range_is_refused_with_the_fix(bad, says):
+    with pytest.raises(icsk.RecorderError, match=says):
+        icsk.Recorder(nn.Sequential(nn.Identity()), layers="0", stats=["hist"], hist_range=bad)
+    rec = icsk.Recorder(nn.Sequential(nn.Identity()), layers="0", stats=["hist"], hist_range=[-1, 2])
+    assert rec.hist_range == (-1.0, 2.0)
+
+
+@pytest.mark.parametrize("kw", [{"sat_threshold": -1.0}, {"zero_eps": -1e-6}, {"sat_threshold": float("nan")},
+                                {"quantiles": (0.5, 1.5)}, {"hist_bins": 0}])
+def test_thresholds_quantiles_and_bins_out_of_range_are_refused(kw):
+    with pytest.raises(icsk.RecorderError, match=r"must be >= 0|must lie in \[0, 1\]|hist_bins must be >= 1"):
+        icsk.Recorder(nn.Sequential(nn.Identity()), layers="0", **kw)
+
+
+def test_remove_stops_recording_until_attach():
+    model = nn.Sequential(nn.Linear(3, 2))
+    x = torch.randn(4, 3)
+    with icsk.Recorder(model, layers="0", stats=["mean"]) as rec:
+        for step in range(6):
+            if step == 1:
+                rec.remove()
+                rec.remove()  # idempotent
+            if step == 4:
+                rec.attach()
+            assert count_hooks(model) == (0 if step in (1, 2, 3) else 1)
+            model(x)
+            rec.step()
+        with pytest.raises(icsk.RecorderError, match=r"attach\(\) it again after remove\(\)"):
+            rec.remove()
+            with rec.probe():
+                pass
+    assert count_hooks(model) == 0
+    assert sorted(set(rec.to_frame().step)) == [0, 4, 5]
+
+
 def test_channels_last_units():
     model = nn.Sequential(nn.Identity())
     x = torch.randn(4, 7, 5)  # (batch, tokens, features)
