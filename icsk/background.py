@@ -7,8 +7,10 @@ threads leave free and never preempt them. When training keeps every core busy, 
 gets its turn the moment the training thread waits for it (a full staging buffer, a flush);
 the Recorder then reduces on the training thread instead (:func:`spare_core`).
 Other processes keeping every core busy would starve it, and training with it: a wait longer
-than ``STARVED_S`` moves the workers to normal priority for the rest of the process (or, where
-that is not permitted, warns to set ``ICSK_IDLE_WORKERS=0``).
+than ``STARVED_S`` during which the workers sit on the run queue (waiting for a core, not
+working or sleeping: a first Triton compile is slow but not starved) moves them to normal
+priority for the rest of the process (or, where that is not permitted, warns to set
+``ICSK_IDLE_WORKERS=0``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from typing import Any
 
 import torch
 
-STARVED_S = 0.5  # a wait for a worker this long means it is starved at idle priority
+STARVED_S = 0.5  # a wait for a worker this long may mean it is starved at idle priority ...
+_SAMPLE_S = 0.1  # ... if in a window this long it then waits for a core for half of it or more
 _idle_workers: set[int] = set()  # native ids of workers running at idle priority
 _lock = threading.Lock()
 _promoted = False  # workers were starved: new ones start at normal priority too
@@ -80,17 +83,44 @@ def done_future(fn: Callable[..., Any], *args: Any) -> Future:
 
 
 def wait_for(fut: Future) -> Any:
-    """``fut.result()`` for the training thread: a wait past ``STARVED_S`` promotes the workers."""
+    """``fut.result()`` for the training thread: a wait past ``STARVED_S`` on workers that are
+    kept from running (not merely busy) promotes them."""
     if not _idle_workers:
         return fut.result()
     t0 = time.perf_counter()
     try:
         return fut.result(timeout=STARVED_S)
     except TimeoutError:
-        _promote_workers()
-        result = fut.result()
-        _warn_if_idle(time.perf_counter() - t0)
-        return result
+        pass
+    while True:
+        before = _runqueue_wait_ns()
+        try:
+            return fut.result(timeout=_SAMPLE_S)
+        except TimeoutError:
+            pass
+        after = _runqueue_wait_ns()
+        if before is None or after is None or after - before >= _SAMPLE_S * 1e9 / 2:
+            break  # starved (or no way to tell: as before, a long wait counts as starved)
+    _promote_workers()
+    result = fut.result()
+    _warn_if_idle(time.perf_counter() - t0)
+    return result
+
+
+def _runqueue_wait_ns() -> int | None:
+    """Nanoseconds the idle-priority workers have spent runnable but waiting for a core, from
+    Linux's ``/proc/self/task/<tid>/schedstat``; None where that cannot be read."""
+    total, read = 0, 0
+    for tid in list(_idle_workers):
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[1])
+        except FileNotFoundError:  # that worker has ended
+            continue
+        except (OSError, ValueError, IndexError):
+            return None
+        read += 1
+    return total if read else None
 
 
 def _promote_workers() -> None:

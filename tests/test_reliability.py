@@ -430,17 +430,18 @@ def test_signal_flushes_and_marks_interrupted(tmp_path, sig):
 
 def test_run_json_records_the_thread_count_and_a_resume_with_another_warns(tmp_path, caplog):
     """CPU results depend on torch's intra-op thread count (float sums round differently): the
-    run records it, and a resume that would mix two counts says so."""
+    run records it, and a resume that would mix two counts says so (on the CPU: device=auto
+    would pick a GPU where there is one)."""
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        job(tmp_path, "train.checkpoint_every=5", steps=10)
+        job(tmp_path, "device=cpu", "train.checkpoint_every=5", steps=10)
         info = json.loads((tmp_path / "run.json").read_text())
         assert info["torch_threads"] == 1
         (tmp_path / "run.json").write_text(json.dumps({**info, "status": "interrupted"}))
         torch.set_num_threads(2)
         with caplog.at_level("WARNING", logger="icsk"):
-            job(tmp_path, "train.checkpoint_every=5", "resume=true", steps=10)
+            job(tmp_path, "device=cpu", "train.checkpoint_every=5", "resume=true", steps=10)
     finally:
         torch.set_num_threads(before)
     assert "started with 1 intra-op threads and continues with 2" in caplog.text
