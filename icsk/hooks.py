@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import difflib
+import itertools
 import math
 import os
 import shutil
@@ -613,11 +614,22 @@ class Recorder:
             if n + 1 == len(slots):
                 self._reduce_stage(state)
             return
-        if (state.device is not None and isinstance(value, torch.Tensor) and value.device != state.device
-                and getattr(module, "_is_replica", False)):
-            return  # DataParallel: every step records the replica on one device (its slice of the batch)
+        if getattr(module, "_is_replica", False) and isinstance(value, torch.Tensor):
+            # DataParallel: every step records the replica on one device (its slice of the batch):
+            # the model's own (device_ids[0], which always gets a slice), else the first recorded
+            home = self._home_device(name) or state.device
+            if home is not None and value.device != home:
+                return
         x = (value if type(value) is torch.Tensor else self._tensor_of(name, module, value)).detach()
         self._capture_slow(state, name, module, x)
+
+    def _home_device(self, name: str) -> torch.device | None:
+        """Where layer ``name``'s own weights live (else the model's): the device DataParallel
+        keeps the model on; None for a model without parameters or buffers."""
+        for module in (self.layers[name], self.model):
+            for t in itertools.chain(module.parameters(), module.buffers()):
+                return t.device
+        return None
 
     def _skip_transformed(self, name: str) -> None:
         """A forward inside a torch.func transform is not recorded; the first one warns."""

@@ -1114,6 +1114,29 @@ def test_data_parallel_replicas_in_threads_record_one_replica_per_step(shapes):
         assert rows.value.nunique() == 1 and rows.value.iloc[0] in (10.0 * step, 10.0 * step + 1), step
 
 
+def test_replicas_record_the_device_of_the_models_own_weights_whichever_runs_first():
+    """DataParallel keeps the model on device_ids[0], whose replica always gets a slice of the
+    batch: that replica is recorded even when another device's replica reaches the hook first
+    (here a replica on the meta device, which has no values at all, runs first every step)."""
+    lin = nn.Linear(3, 2)
+    model = nn.Sequential(lin)
+
+    def replica(device):
+        r = lin._replicate_for_data_parallel()
+        r.weight, r.bias = (t.detach().to(device) for t in (lin.weight, lin.bias))
+        return r
+
+    with icsk.Recorder(model, layers=["0"], stats=["mean"], flush_every=3) as rec:
+        for step in range(5):
+            replica("meta")(torch.ones(4, 3, device="meta"))
+            replica("cpu")(torch.full((4, 3), float(step)))
+            rec.step()
+    df = rec.to_frame()
+    for step in range(5):
+        np.testing.assert_allclose(frame_values(df, step, "0", "mean"),
+                                   lin(torch.full((1, 3), float(step)))[0].detach().numpy(), rtol=1e-6)
+
+
 @needs_cuda
 def test_replicas_on_two_devices_record_the_first_device_and_a_moved_model_keeps_its_steps():
     """DataParallel: a step's forward on another device than the first recorded one is another
