@@ -192,7 +192,9 @@ def test_a_run_resumes_from_its_checkpoint_bit_identically(tmp_path, monkeypatch
     step 11 in the diverging case) was lost."""
     import icsk.experiment as experiment
 
-    opts = ["train.checkpoint_every=6", "train.eval_every=5", "train.log_every=7", "optim.warmup_steps=3"]
+    # on the CPU, as README promises: a GPU's reductions split by shape, so a step reduced in a
+    # batch of another size (the checkpoints cut the staging batches) may differ in its last bits
+    opts = ["train.checkpoint_every=6", "train.eval_every=5", "train.log_every=7", "optim.warmup_steps=3", "device=cpu"]
     opts += ["model.activation=relu", "optim.lr=5"] if case == "diverging" else [f"optim.schedule={case}"]
     job(tmp_path / "full", *opts, steps=20)
     job(tmp_path / "plain", *opts[1:], steps=20)  # no checkpoints: the same rows
