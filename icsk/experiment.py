@@ -271,13 +271,14 @@ def build_recorder(rcfg: DictConfig, model: nn.Module, path: Path) -> Recorder |
     if not rcfg.get("enabled", True):
         return None
     layers = list(rcfg.layers) if rcfg.get("layers") is not None else None
-    hist_range = rcfg.get("hist_range", "auto")  # "auto" or [lo, hi], checked by the Recorder
+    hist_range = rcfg.get("hist_range")  # "auto" or [lo, hi], checked by the Recorder
     sched = config_schedule(rcfg.get("schedule", 1), "recorder.schedule")
     try:
         return Recorder(
             model, layers=layers, capture=str(rcfg.get("capture", "output")), stats=list(rcfg.stats),
             quantiles=[float(q) for q in rcfg.get("quantiles", (0.15, 0.5, 0.85))],
-            hist_bins=int(rcfg.get("hist_bins", 32)), hist_range="auto" if hist_range is None else hist_range, schedule=sched, path=path,
+            hist_bins=int(rcfg.get("hist_bins", 32)), hist_range="auto" if hist_range is None else hist_range,
+            schedule=sched, path=path,
             flush_every=int(rcfg.get("flush_every", 1024)), flush_mb=float(rcfg.get("flush_mb", 8.0)),
             sat_threshold=float(rcfg.get("sat_threshold", 4.0)), zero_eps=float(rcfg.get("zero_eps", 1e-6)),
             hist_margin=float(rcfg.get("hist_margin", 0.5)),
