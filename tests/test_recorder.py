@@ -866,14 +866,12 @@ def test_worker_threads_run_single_threaded_at_idle_priority(tmp_path, monkeypat
     rec.close()
 
 
-@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
-@pytest.mark.parametrize("permitted", [True, False])
-def test_a_starved_idle_worker_is_promoted_or_named_in_a_warning(monkeypatch, permitted):
-    """Other processes keeping every core busy starve an idle-priority worker, and training
-    waits on it (9 s became 102 s with two busy loops on 2 cores): a long wait moves the workers
-    to normal priority, or, where that is not permitted, warns to set ICSK_IDLE_WORKERS=0."""
-    import time
-
+@pytest.fixture
+def idle_worker(monkeypatch):
+    """A fresh one-worker background pool at idle priority, with the module's state reset and a
+    short STARVED_S: ``(pool, the worker's native id)``."""
+    if not hasattr(os, "SCHED_IDLE"):
+        pytest.skip("SCHED_IDLE is Linux-only")
     monkeypatch.setattr(background, "_promoted", False)
     monkeypatch.setattr(background, "_warned", False)
     monkeypatch.setattr(background, "_idle_workers", set())
@@ -881,6 +879,18 @@ def test_a_starved_idle_worker_is_promoted_or_named_in_a_warning(monkeypatch, pe
     pool = background.background_pool("icsk-test")
     tid = pool.submit(threading.get_native_id).result()
     assert os.sched_getscheduler(tid) == os.SCHED_IDLE and background._idle_workers == {tid}
+    yield pool, tid
+    pool.shutdown()
+
+
+@pytest.mark.parametrize("permitted", [True, False])
+def test_a_starved_idle_worker_is_promoted_or_named_in_a_warning(monkeypatch, idle_worker, permitted):
+    """Other processes keeping every core busy starve an idle-priority worker, and training
+    waits on it (9 s became 102 s with two busy loops on 2 cores): a long wait moves the workers
+    to normal priority, or, where that is not permitted, warns to set ICSK_IDLE_WORKERS=0."""
+    import time
+
+    pool, tid = idle_worker
     if not permitted:
         def refuse(pid, policy, param):
             raise PermissionError(1, "Operation not permitted")
@@ -897,25 +907,17 @@ def test_a_starved_idle_worker_is_promoted_or_named_in_a_warning(monkeypatch, pe
         with pytest.warns(RuntimeWarning, match="ICSK_IDLE_WORKERS=0"):
             background.wait_for(slow)
         assert os.sched_getscheduler(tid) == os.SCHED_IDLE
-    pool.shutdown()
 
 
-@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
-def test_a_worker_that_is_slow_but_not_starved_stays_idle_without_a_warning(monkeypatch, recwarn):
+def test_a_worker_that_is_slow_but_not_starved_stays_idle_without_a_warning(idle_worker, recwarn):
     """A long job on a worker that gets the CPU it asks for (a first Triton compile on a GPU
     machine; here a sleep) is not starvation: nothing is promoted and nothing warns."""
     import time
 
-    monkeypatch.setattr(background, "_promoted", False)
-    monkeypatch.setattr(background, "_warned", False)
-    monkeypatch.setattr(background, "_idle_workers", set())
-    monkeypatch.setattr(background, "STARVED_S", 0.05)
-    pool = background.background_pool("icsk-test")
-    tid = pool.submit(threading.get_native_id).result()
+    pool, tid = idle_worker
     assert background.wait_for(pool.submit(lambda: time.sleep(0.4) or 7)) == 7
     assert os.sched_getscheduler(tid) == os.SCHED_IDLE and background._idle_workers == {tid}
     assert not background._promoted and not [w for w in recwarn if "ICSK_IDLE_WORKERS" in str(w.message)]
-    pool.shutdown()
 
 
 def test_sigterm_under_graceful_signals_flushes_what_was_recorded(tmp_path):
