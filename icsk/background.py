@@ -92,8 +92,8 @@ def wait_for(fut: Future) -> Any:
         return fut.result(timeout=STARVED_S)
     except TimeoutError:
         pass
+    before = _runqueue_wait_ns()
     while True:
-        before = _runqueue_wait_ns()
         try:
             return fut.result(timeout=_SAMPLE_S)
         except TimeoutError:
@@ -101,6 +101,7 @@ def wait_for(fut: Future) -> Any:
         after = _runqueue_wait_ns()
         if before is None or after is None or after - before >= _SAMPLE_S * 1e9 / 2:
             break  # starved (or no way to tell: as before, a long wait counts as starved)
+        before = after  # one read of the workers' schedstat per window
     _promote_workers()
     result = fut.result()
     _warn_if_idle(time.perf_counter() - t0)
